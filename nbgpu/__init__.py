@@ -1,0 +1,58 @@
+"""nbgpu: see, choose, plan, load, benchmark and monitor several GPUs from a notebook.
+
+`import nbgpu` and `%load_ext nbgpu` stay cheap: torch, transformers, accelerate and plotly are imported only
+when a feature that needs them is first used (the names below are resolved on first access).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .devices import simulate as _simulate_backend
+from .errors import UsageError
+from .gpu_table import GPUTable, gpus
+from .units import format_size, parse_size
+from .visibility import Visibility, cuda_driver_initialized, use
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; imported on first use
+_LAZY = {
+    "plan": "nbgpu.planning",
+    "Plan": "nbgpu.planning",
+    "load": "nbgpu.running",
+    "bench": "nbgpu.running",
+    "compare": "nbgpu.running",
+    "BenchResult": "nbgpu.running",
+    "monitor": "nbgpu.monitor",
+    "Monitor": "nbgpu.monitor",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nbgpu' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def simulate(spec: str | None = "4x24GiB") -> GPUTable:
+    """Replace the inventory with simulated GPUs ('4x24GiB', '2xA100-80GB', 'H100', '8xT4', '24GiB,80GiB');
+    `simulate("off")` returns to the real GPUs through NVML. Returns the new GPU table."""
+    _simulate_backend(spec)
+    return gpus()
+
+
+def load_ipython_extension(ipython):
+    from .magics import register
+
+    register(ipython)
+
+
+__all__ = ["GPUTable", "UsageError", "Visibility", "cuda_driver_initialized", "format_size", "gpus",
+           "parse_size", "simulate", "use", *_LAZY]

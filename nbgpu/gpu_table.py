@@ -1,0 +1,107 @@
+"""`nbgpu.gpus()`: the inventory as a table, marking which GPUs this kernel sees and their cuda:N alias."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from html import escape
+
+from . import devices, visibility
+from .devices import GPU, Inventory
+from .units import format_size
+
+
+def _na(value, fmt="{}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def _on_off(flag: bool | None) -> str:
+    return "n/a" if flag is None else ("on" if flag else "off")
+
+
+def _memory(g: GPU) -> str:
+    if g.memory_total is None:
+        return "n/a"
+    return f"{format_size(g.memory_used)} / {format_size(g.memory_total, digits=0)}"
+
+
+def _processes(g: GPU, own_pid: int) -> list[str]:
+    if g.processes is None:
+        return ["n/a"]
+    return [f"{p.pid}{' (this kernel)' if p.pid == own_pid else ''} {p.name or 'n/a'} {p.kind} "
+            f"{format_size(p.used_memory, 'MiB', 0)}" for p in g.processes]
+
+
+COLUMNS = ["GPU", "cuda", "name", "UUID", "bus id", "memory used/total", "util", "temp", "power", "perf",
+           "persist", "cc", "MIG", "processes"]
+
+
+def _row(g: GPU, alias: str | None, own_pid: int) -> list[str]:
+    power = "n/a" if g.power_draw is None else f"{g.power_draw:.0f} / {_na(g.power_limit, '{:.0f}')} W"
+    return [
+        str(g.index), alias or "-", g.name or "n/a", g.uuid or "n/a", g.pci_bus_id or "n/a", _memory(g),
+        _na(g.utilization, "{}%"), _na(g.temperature, "{}C"), power, g.pstate_label,
+        _on_off(g.persistence_mode), g.compute_capability_label, _on_off(g.mig_mode),
+        "; ".join(_processes(g, own_pid)) or "none",
+    ]
+
+
+@dataclass(frozen=True)
+class GPUTable:
+    """One reading of the inventory plus this kernel's visibility, for display."""
+
+    inventory: Inventory
+    visibility: visibility.Visibility
+
+    @property
+    def gpus(self) -> tuple[GPU, ...]:
+        return self.inventory.gpus
+
+    def rows(self) -> list[list[str]]:
+        pid = os.getpid()
+        return [_row(g, self.visibility.alias(g.index), pid) for g in self.inventory]
+
+    def _title(self) -> str:
+        inv = self.inventory
+        if inv.simulated:
+            return f"SIMULATED GPUs ({devices.simulated().spec_text if devices.simulated() else ''}) - not real hardware"
+        return f"NVIDIA driver {inv.driver_version or 'n/a'}, CUDA {inv.cuda_driver_version or 'n/a'}"
+
+    def __repr__(self) -> str:
+        if not len(self.inventory):
+            return self.inventory.message or "no GPU found"
+        rows = [COLUMNS] + self.rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+        lines = [self._title()]
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        lines.append(repr(self.visibility).splitlines()[0])
+        if self.visibility.note:
+            lines.append(self.visibility.note)
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        if not len(self.inventory):
+            return f"<div><b>nbgpu:</b> {escape(self.inventory.message or 'no GPU found')}</div>"
+        sim = self.inventory.simulated
+        head = "".join(f"<th style='text-align:left'>{escape(c)}</th>" for c in COLUMNS)
+        body = []
+        for g, r in zip(self.inventory, self.rows()):
+            seen = self.visibility.alias(g.index) is not None
+            style = "background:#e8f5e9;font-weight:600" if seen else "color:#777"
+            cells = "".join(f"<td style='text-align:left'>{escape(c).replace('; ', '<br>')}</td>" for c in r)
+            body.append(f"<tr style='{style}' title='{escape('; '.join(f'{k}: {v}' for k, v in g.errors.items()))}'>"
+                        f"{cells}</tr>")
+        badge = ("<span style='background:#f59e0b;color:white;padding:1px 6px;border-radius:3px'>SIMULATED</span> "
+                 if sim else "")
+        vis = self.visibility
+        foot = escape(vis._header()) + (f"<br><span style='color:#b45309'>{escape(vis.note)}</span>" if vis.note else "")
+        return (f"<div>{badge}<b>{escape(self._title())}</b>"
+                f"<table style='font-size:12px'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+                f"<div style='font-size:12px'>Highlighted: GPUs this kernel sees. {foot}</div></div>")
+
+
+def gpus() -> GPUTable:
+    """Every GPU on the machine (or the simulated set), with what runs on it and which ones this kernel sees."""
+    inv = devices.read()
+    return GPUTable(inv, visibility.current(inv))
