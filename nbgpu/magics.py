@@ -1,0 +1,91 @@
+"""IPython magics: argument parsing and display only; each one calls the plain function of the same job.
+
+    %gpus                                   the GPU table
+    %gpus 2,3 | GPU-<uuid>,... | MIG-<uuid> | none | all
+    %gpus --auto 2 [--min-free 20GiB] [--max-util 10]
+    %gpus --simulate 4x24GiB | off
+    %gpu_monitor [--interval 1] [--history 300] [--temperature] [--power] | stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from . import devices, gpu_table, visibility
+from .errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting the kernel."""
+
+    def error(self, message):
+        raise UsageError(f"{message}\n{self.format_usage()}")
+
+    def exit(self, status=0, message=None):
+        raise UsageError(message or self.format_help())
+
+
+def _gpus_parser() -> _Parser:
+    p = _Parser(prog="%gpus", description="Show the GPUs, or choose which ones this kernel sees (before CUDA starts).")
+    p.add_argument("selection", nargs="?", help="2,3 | GPU-<uuid>,... | MIG-<uuid> | none | all")
+    p.add_argument("--auto", type=int, metavar="N", help="the N least-loaded GPUs that meet the limits")
+    p.add_argument("--min-free", metavar="SIZE", help="with --auto: at least this much free memory (20GiB)")
+    p.add_argument("--max-util", type=float, metavar="PCT", help="with --auto: at most this utilisation (%%)")
+    p.add_argument("--simulate", metavar="SPEC", help="4x24GiB, 2xA100-80GB, H100, 8xT4, 24GiB,80GiB, or off")
+    return p
+
+
+def gpus_magic(line: str):
+    """What `%gpus LINE` returns: the GPU table, or the new cuda:N mapping."""
+    args = _gpus_parser().parse_args(shlex.split(line))
+    if args.simulate is not None:
+        if args.selection is not None or args.auto is not None:
+            raise UsageError("--simulate replaces the inventory; choose GPUs in a second `%gpus` call")
+        devices.simulate(args.simulate)
+        return gpu_table.gpus()
+    if (args.min_free is not None or args.max_util is not None) and args.auto is None:
+        raise UsageError("--min-free and --max-util go with --auto N, e.g. `%gpus --auto 2 --min-free 20GiB`")
+    if args.selection is None and args.auto is None:
+        return gpu_table.gpus()
+    return visibility.use(args.selection, auto=args.auto, min_free=args.min_free, max_util=args.max_util)
+
+
+def _monitor_parser() -> _Parser:
+    p = _Parser(prog="%gpu_monitor", description="A live view of GPU memory and utilisation in this notebook.")
+    p.add_argument("action", nargs="?", choices=["stop"], help="stop the running monitor")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
+    p.add_argument("--history", type=int, default=300, help="samples kept (default 300)")
+    p.add_argument("--temperature", action="store_true", help="also plot temperature")
+    p.add_argument("--power", action="store_true", help="also plot power draw")
+    return p
+
+
+def gpu_monitor_magic(line: str):
+    from . import monitor as monitor_module
+
+    args = _monitor_parser().parse_args(shlex.split(line))
+    if args.action == "stop":
+        return monitor_module.stop_all()
+    return monitor_module.monitor(interval=args.interval, history=args.history,
+                                  temperature=args.temperature, power=args.power)
+
+
+def _show_errors(fn):
+    """Run a magic; a UsageError shows as IPython's one-line usage error (no traceback) and stops "run all"."""
+
+    def magic(line: str = "", cell: str | None = None):
+        from IPython.core.error import UsageError as IPythonUsageError
+
+        try:
+            return fn(line)
+        except UsageError as err:
+            raise IPythonUsageError(f"nbgpu: {err}") from None
+
+    magic.__doc__ = fn.__doc__
+    return magic
+
+
+def register(ipython) -> None:
+    ipython.register_magic_function(_show_errors(gpus_magic), "line", "gpus")
+    ipython.register_magic_function(_show_errors(gpu_monitor_magic), "line", "gpu_monitor")

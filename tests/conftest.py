@@ -1,0 +1,39 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import fake_pynvml  # noqa: E402
+
+from nbgpu import devices  # noqa: E402
+from nbgpu.devices.nvml import NVMLReader  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def clean_gpu_state():
+    """Each test starts with no simulated GPUs; the CUDA variables are restored after it."""
+    names = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+    saved = {name: os.environ.get(name) for name in names}
+    devices.simulate(None)
+    yield
+    devices.simulate(None)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """Install a stub pynvml over the given fake GPUs as the inventory backend; returns the stub module."""
+
+    def install(gpus, **kwargs):
+        module = fake_pynvml.make(gpus, **kwargs)
+        monkeypatch.setitem(sys.modules, "pynvml", module)
+        monkeypatch.setattr(devices, "_nvml", NVMLReader())
+        return module
+
+    return install

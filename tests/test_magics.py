@@ -1,0 +1,80 @@
+import os
+import subprocess
+import sys
+
+import pytest
+from fake_pynvml import FakeGPU, uuid
+from IPython.core.error import UsageError as IPythonUsageError
+
+from nbgpu import GPUTable, Visibility, devices
+from nbgpu.errors import UsageError
+from nbgpu.magics import gpus_magic, register
+
+
+def test_no_argument_shows_the_table():
+    devices.simulate("2xH100")
+    table = gpus_magic("")
+    assert isinstance(table, GPUTable) and len(table.gpus) == 2
+
+
+def test_simulate_and_off():
+    table = gpus_magic("--simulate 4x24GiB")
+    assert table.inventory.simulated and len(table.gpus) == 4
+    gpus_magic("--simulate off")
+    assert devices.simulated() is None
+
+
+def test_selection_and_auto_flags(fake_nvml):
+    fake_nvml([FakeGPU(uuid(0), used=50 * 1024**3), FakeGPU(uuid(1))])
+    vis = gpus_magic("--auto 1 --min-free 20GiB --max-util 50")
+    assert isinstance(vis, Visibility) and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    gpus_magic("0")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("--auto two", "invalid int value"),
+    ("--min-free 20GiB", "go with --auto"),
+    ("0 --simulate 2x24GiB", "second `%gpus` call"),
+    ("--simulate 2xNope", "Known names"),
+    ("--frobnicate", "unrecognized arguments"),
+    ("--help", "usage: %gpus"),
+])
+def test_parse_errors_are_usage_errors_and_change_nothing(line, message):
+    devices.simulate("2x24GiB")
+    with pytest.raises(UsageError, match=message):
+        gpus_magic(line)
+    assert len(devices.read()) == 2 and "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+class FakeShell:
+    def __init__(self):
+        self.magics = {}
+
+    def register_magic_function(self, fn, kind, name):
+        self.magics[name] = fn
+
+
+def test_registered_magic_shows_a_one_line_usage_error():
+    shell = FakeShell()
+    register(shell)
+    assert set(shell.magics) == {"gpus", "gpu_monitor"}
+    devices.simulate("2x24GiB")
+    with pytest.raises(IPythonUsageError, match="nbgpu: there is no GPU 5"):
+        shell.magics["gpus"]("5")
+
+
+def test_load_ext_does_not_import_heavy_libraries():
+    code = (
+        "import sys\n"
+        "from IPython.testing.globalipapp import start_ipython\n"
+        "ip = start_ipython()\n"
+        "ip.run_line_magic('load_ext', 'nbgpu')\n"
+        "ip.run_line_magic('gpus', '--simulate 2x24GiB')\n"
+        "ip.run_line_magic('gpus', '1')\n"
+        "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'plotly') if m in sys.modules]\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY=\n" in out.stdout

@@ -1,0 +1,163 @@
+import ctypes
+import os
+
+import pytest
+from fake_pynvml import GiB, FakeGPU, uuid
+
+import nbgpu
+from nbgpu import visibility
+from nbgpu.errors import UsageError
+
+
+@pytest.fixture
+def four_gpus(fake_nvml):
+    """Four real-looking GPUs: 0 and 2 busy, 1 nearly idle, 3 idle but hot."""
+    return fake_nvml([
+        FakeGPU(uuid(0), used=70 * GiB, util=90),
+        FakeGPU(uuid(1), used=1 * GiB, util=5, bus_id="00000000:08:00.0"),
+        FakeGPU(uuid(2), used=40 * GiB, util=0, bus_id="00000000:09:00.0"),
+        FakeGPU(uuid(3), used=2 * GiB, util=50, bus_id="00000000:0A:00.0"),
+    ])
+
+
+class FakeLibcuda:
+    """libcuda as seen through RTLD_NOLOAD: cuDeviceGetCount answers 3 (NOT_INITIALIZED) until cuInit ran."""
+
+    def __init__(self, initialised):
+        self.initialised = initialised
+
+    def cuDeviceGetCount(self, count_ref):
+        ctypes.cast(count_ref, ctypes.POINTER(ctypes.c_int)).contents.value = 4 if self.initialised else 0
+        return 0 if self.initialised else 3
+
+
+def env():
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("CUDA_DEVICE_ORDER")
+
+
+def test_use_sets_both_variables_and_shows_the_mapping(four_gpus):
+    vis = nbgpu.use("2,3")
+    assert env() == ("2,3", "PCI_BUS_ID")
+    assert vis.lines() == ["cuda:0 -> GPU 2 NVIDIA A100-SXM4-80GB (40.0 / 80 GiB used)",
+                           "cuda:1 -> GPU 3 NVIDIA A100-SXM4-80GB (2.0 / 80 GiB used)"]
+    assert vis.alias(3) == "cuda:1" and vis.alias(0) is None
+    table = nbgpu.gpus()
+    assert [r[1] for r in table.rows()] == ["-", "-", "cuda:0", "cuda:1"]
+
+
+def test_use_accepts_uuids_lists_and_none(four_gpus):
+    nbgpu.use(f"{uuid(3)},{uuid(1)}")
+    assert env()[0] == f"{uuid(3)},{uuid(1)}"
+    assert [t.gpu.index for t in visibility.current().targets] == [3, 1]
+    nbgpu.use([1, 0])
+    assert env()[0] == "1,0"
+    vis = nbgpu.use("none")
+    assert env()[0] == "" and vis.targets == () and "no GPU is visible" in repr(vis)
+
+
+@pytest.mark.parametrize("selection, message", [
+    ("7", "there is no GPU 7: this machine has 4"),
+    ("1,1", "named twice"),
+    ("GPU-1234", "is not a GPU UUID"),
+    ("GPU-00000000-0000-0000-0000-000000000000", "no GPU has the UUID"),
+    ("MIG-zz", "is not a MIG device UUID"),
+    ("fast", "cannot read 'fast'"),
+    ("1,,2", "empty GPU entry"),
+])
+def test_bad_selection_is_refused_and_environment_untouched(four_gpus, selection, message):
+    os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    os.environ.pop("CUDA_DEVICE_ORDER", None)
+    with pytest.raises(UsageError, match=message) as err:
+        nbgpu.use(selection)
+    assert "Valid choices" in str(err.value) or "named twice" in message or "empty" in message
+    assert env() == ("0", None)
+
+
+def test_auto_picks_most_free_memory_then_least_utilised(four_gpus):
+    assert [t.gpu.index for t in visibility.auto_select(visibility.devices.read(), 2)] == [1, 3]
+    nbgpu.use(auto=1, max_util=10)
+    assert env()[0] == "1"
+    nbgpu.use(auto=2, min_free="30GiB", max_util=10)
+    assert env()[0] == "1,2"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(auto=5), "asked for 5 GPU"),
+    (dict(auto=1, min_free="79.5GiB"), "only 0 qualify"),
+    (dict(auto=3, max_util=10), "GPU 0: utilisation 90%"),
+    (dict(auto=1, min_free="lots"), "cannot read the size 'lots'"),
+    (dict(auto=0), "at least 1"),
+])
+def test_auto_refusals(four_gpus, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        nbgpu.use(**kwargs)
+    assert env() == (None, None)
+
+
+def test_only_one_mig_device(fake_nvml):
+    from nbgpu.devices import MIGDevice
+    from nbgpu.devices import nvml as nvml_module
+
+    mig = [f"MIG-{i:08x}-aaaa-bbbb-cccc-ddddeeeeffff" for i in range(2)]
+    module = fake_nvml([FakeGPU(uuid(0), mig=1), FakeGPU(uuid(1))])
+    original = nvml_module.NVMLReader._mig_devices
+    nvml_module.NVMLReader._mig_devices = lambda self, h: tuple(MIGDevice(u, 10 * GiB) for u in mig) if h == 0 else ()
+    try:
+        with pytest.raises(UsageError, match="only one MIG device"):
+            nbgpu.use(",".join(mig))
+        with pytest.raises(UsageError, match="only one MIG device"):
+            nbgpu.use(f"{mig[0]},1")
+        vis = nbgpu.use(mig[1])
+        assert env()[0] == mig[1] and vis.lines()[0].startswith(f"cuda:0 -> MIG {mig[1]} on GPU 0")
+        assert 0 not in [t.gpu.index for t in visibility.auto_select(visibility.devices.read(), 1)]
+    finally:
+        nvml_module.NVMLReader._mig_devices = original
+    assert module
+
+
+def test_too_late_is_refused_unless_the_same_set(four_gpus, monkeypatch):
+    os.environ["CUDA_VISIBLE_DEVICES"] = "1,2"
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    monkeypatch.setattr(visibility, "_loaded_libcuda", lambda: FakeLibcuda(initialised=True))
+    assert visibility.cuda_driver_initialized()
+    with pytest.raises(UsageError) as err:
+        nbgpu.use("3")
+    text = str(err.value)
+    assert "CUDA is already running in this kernel" in text and "cuda:0 -> GPU 1" in text
+    assert "Restart the kernel" in text and "%gpus 3" in text
+    assert env() == ("1,2", "PCI_BUS_ID")
+    assert nbgpu.use("1,2").lines()[0].startswith("cuda:0 -> GPU 1")  # the set in force: fine
+    with pytest.raises(UsageError, match="already running"):
+        nbgpu.use("2,1")  # same GPUs, other order: a change
+
+
+def test_driver_loaded_but_not_started_is_free(four_gpus, monkeypatch):
+    monkeypatch.setattr(visibility, "_loaded_libcuda", lambda: FakeLibcuda(initialised=False))
+    assert not visibility.cuda_driver_initialized()
+    nbgpu.use("3")
+    assert env()[0] == "3"
+
+
+def test_real_process_has_no_cuda_started():
+    # this test process never loads libcuda, so the check must answer False without loading it
+    assert visibility._loaded_libcuda() is None or not visibility.cuda_driver_initialized()
+
+
+def test_current_reads_cuda_rules(four_gpus):
+    os.environ["CUDA_VISIBLE_DEVICES"] = f"2,{uuid(0)},9,1"  # CUDA stops at the first entry it cannot use
+    vis = visibility.current()
+    assert [t.gpu.index for t in vis.targets] == [2, 0]
+    assert "fastest first" in vis.note  # CUDA_DEVICE_ORDER unset
+    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    assert visibility.current().targets == ()
+
+
+def test_simulated_choice_does_not_touch_the_real_environment():
+    nbgpu.simulate("4x24GiB")
+    vis = nbgpu.use("2,3")
+    assert env() == (None, None)
+    assert vis.simulated and "[simulated]" in repr(vis) and "SIMULATED" in vis._repr_html_()
+    assert [t.gpu.index for t in visibility.current().targets] == [2, 3]
+    with pytest.raises(UsageError):
+        nbgpu.use("4")
+    assert [t.gpu.index for t in visibility.current().targets] == [2, 3]
