@@ -54,5 +54,5 @@ def load_ipython_extension(ipython):
     register(ipython)
 
 
-__all__ = ["GPUTable", "UsageError", "Visibility", "cuda_driver_initialized", "format_size", "gpus",
-           "parse_size", "simulate", "use", *_LAZY]
+__all__ = ["BenchResult", "GPUTable", "Monitor", "Plan", "UsageError", "Visibility", "bench", "compare",
+           "cuda_driver_initialized", "format_size", "gpus", "load", "monitor", "parse_size", "plan", "simulate", "use"]

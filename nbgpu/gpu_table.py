@@ -64,7 +64,8 @@ class GPUTable:
     def _title(self) -> str:
         inv = self.inventory
         if inv.simulated:
-            return f"SIMULATED GPUs ({devices.simulated().spec_text if devices.simulated() else ''}) - not real hardware"
+            sim = devices.simulated()
+            return f"SIMULATED GPUs ({sim.spec_text if sim else ''}) - not real hardware"
         return f"NVIDIA driver {inv.driver_version or 'n/a'}, CUDA {inv.cuda_driver_version or 'n/a'}"
 
     def __repr__(self) -> str:
@@ -95,7 +96,9 @@ class GPUTable:
         badge = ("<span style='background:#f59e0b;color:white;padding:1px 6px;border-radius:3px'>SIMULATED</span> "
                  if sim else "")
         vis = self.visibility
-        foot = escape(vis._header()) + (f"<br><span style='color:#b45309'>{escape(vis.note)}</span>" if vis.note else "")
+        foot = escape(vis._header())
+        if vis.note:
+            foot += f"<br><span style='color:#b45309'>{escape(vis.note)}</span>"
         return (f"<div>{badge}<b>{escape(self._title())}</b>"
                 f"<table style='font-size:12px'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
                 f"<div style='font-size:12px'>Highlighted: GPUs this kernel sees. {foot}</div></div>")

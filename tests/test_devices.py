@@ -1,6 +1,13 @@
 import pytest
-from fake_pynvml import GiB, FakeGPU, NVMLError_GpuIsLost, NVMLError_LibraryNotFound, NVMLError_NoPermission
-from fake_pynvml import NVMLError_NotSupported, uuid
+from fake_pynvml import (
+    FakeGPU,
+    GiB,
+    NVMLError_GpuIsLost,
+    NVMLError_LibraryNotFound,
+    NVMLError_NoPermission,
+    NVMLError_NotSupported,
+    uuid,
+)
 
 import nbgpu
 from nbgpu import devices

@@ -2,7 +2,7 @@ import ctypes
 import os
 
 import pytest
-from fake_pynvml import GiB, FakeGPU, uuid
+from fake_pynvml import FakeGPU, GiB, uuid
 
 import nbgpu
 from nbgpu import visibility

@@ -8,7 +8,8 @@ Handles are looked up once and cached, so a poll costs only the field queries.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import specs
 from .model import GPU, GPUProcess, Inventory, MIGDevice
@@ -36,7 +37,8 @@ class NVMLReader:
         try:
             import pynvml
         except ImportError:
-            self.message = "NVML is not available: the nvidia-ml-py package is not installed (pip install nvidia-ml-py)."
+            self.message = ("NVML is not available: the nvidia-ml-py package is not installed "
+                            "(pip install nvidia-ml-py).")
             return False
         try:
             pynvml.nvmlInit()
@@ -141,7 +143,7 @@ class NVMLReader:
         ok = False
         for kind, call in (("compute", "nvmlDeviceGetComputeRunningProcesses"),
                            ("graphics", "nvmlDeviceGetGraphicsRunningProcesses")):
-            procs = self._get(errors, f"processes ({kind})", lambda: getattr(nv, call)(h))
+            procs = self._get(errors, f"processes ({kind})", lambda call=call: getattr(nv, call)(h))
             if procs is None:
                 continue
             ok = True
@@ -178,8 +180,8 @@ class NVMLReader:
                 m = nv.nvmlDeviceGetMigDeviceHandleByIndex(h, j)
             except nv.NVMLError:
                 continue  # slot not populated
-            uuid = self._get({}, "uuid", lambda: _text(nv.nvmlDeviceGetUUID(m)))
-            mem = self._get({}, "memory", lambda: nv.nvmlDeviceGetMemoryInfo(m).total)
+            uuid = self._get({}, "uuid", lambda m=m: _text(nv.nvmlDeviceGetUUID(m)))
+            mem = self._get({}, "memory", lambda m=m: nv.nvmlDeviceGetMemoryInfo(m).total)
             if uuid:
                 out.append(MIGDevice(uuid, None if mem is None else int(mem)))
         return tuple(out)

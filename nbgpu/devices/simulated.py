@@ -56,7 +56,9 @@ class SimulatedGPUs:
     def __init__(self, spec_text: str):
         self.spec_text = spec_text
         self._devices = parse_simulate_spec(spec_text)
-        self._uuids = [f"GPU-{uuidlib.uuid5(uuidlib.NAMESPACE_OID, f'nbgpu-sim-{i}')}" for i in range(len(self._devices))]
+        # stable, well-formed UUIDs, so a simulated GPU can be chosen by UUID like a real one
+        self._uuids = [f"GPU-{uuidlib.uuid5(uuidlib.NAMESPACE_OID, f'nbgpu-sim-{i}')}"
+                       for i in range(len(self._devices))]
         self._lock = threading.Lock()
         self._allocated: dict[int, int] = {}  # index -> bytes this process placed there
         self._utilization: dict[int, int] = {}
