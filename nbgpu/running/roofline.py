@@ -1,0 +1,101 @@
+"""The memory-bandwidth bound for decoding: every new token reads all weights and the KV cache once.
+
+With a layer split the GPUs work one after another, so a decode step takes at least
+sum over GPUs of (bytes on that GPU / its bandwidth). An estimate: peak bandwidth from NVML clocks or the specs
+table; real kernels reach 80-90% of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import visibility
+from ..devices import specs
+from ..units import format_size
+from . import placement
+
+
+@dataclass(frozen=True)
+class GPUBound:
+    cuda_index: int
+    gpu_name: str | None
+    weights: int  # bytes read per step
+    kv_cache: int  # bytes read per step, at the average context length
+    bandwidth: float | None  # bytes/s, peak
+
+    @property
+    def seconds(self) -> float | None:
+        return None if not self.bandwidth else (self.weights + self.kv_cache) / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """Decode tokens/s the memory bandwidth allows (an estimate) and the fraction the run reached."""
+
+    gpus: tuple[GPUBound, ...]
+    batch: int
+    context: int  # average tokens in the KV cache during decode
+    measured_tokens_per_s: float | None
+    simulated: bool
+    note: str = "estimate: peak memory bandwidth (NVML clocks / known GPUs table); real kernels reach 80-90%"
+
+    @property
+    def step_seconds(self) -> float | None:
+        times = [g.seconds for g in self.gpus]
+        return None if not times or None in times else sum(times)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        step = self.step_seconds
+        return None if not step else self.batch / step
+
+    @property
+    def fraction(self) -> float | None:
+        """Measured / bound; None when the run was on the CPU (simulated) or the bound is unknown."""
+        if self.simulated or not self.tokens_per_s or self.measured_tokens_per_s is None:
+            return None
+        return self.measured_tokens_per_s / self.tokens_per_s
+
+    def __repr__(self) -> str:
+        bound = "n/a (bandwidth unknown)" if self.tokens_per_s is None else f"{self.tokens_per_s:,.0f} tokens/s"
+        frac = "" if self.fraction is None else f", reached {self.fraction:.1%}"
+        sim = " [bound for the simulated GPUs; the run was on CPU]" if self.simulated else ""
+        per = "; ".join(f"cuda:{g.cuda_index} {format_size(g.weights + g.kv_cache, 'auto')} read at "
+                        f"{'n/a' if not g.bandwidth else f'{g.bandwidth / 1e12:.2f} TB/s'}" for g in self.gpus)
+        return f"decode roofline ({self.note}): {bound}{frac}{sim} — {per}"
+
+
+def kv_bytes_per_layer(config, batch: int, context: int, element_size: int) -> int:
+    """Keys and values of one decoder layer for `batch` sequences of `context` tokens."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads")
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * kv_heads * head_dim * context * batch * element_size
+
+
+def bandwidth(gpu) -> float | None:
+    if gpu is None:
+        return None
+    if gpu.memory_bandwidth:
+        return float(gpu.memory_bandwidth)
+    spec = specs.match_name(gpu.name)
+    return spec.bandwidth if spec else None
+
+
+def estimate(model, batch: int, prompt_len: int, new_tokens: int, measured_tokens_per_s: float | None,
+             simulated: bool) -> Roofline:
+    where = placement.gpu_map(model)
+    weights = placement.bytes_per_device(model, where)
+    layers = placement.layers_per_device(model, where)
+    context = prompt_len + new_tokens // 2
+    element = next(model.parameters()).element_size()
+    per_layer = kv_bytes_per_layer(model.config, batch, context, element)
+    targets = visibility.current().targets
+    report = getattr(model, "nbgpu_load", None)
+    planned = {d.cuda_index: d.gpu for d in report.plan.devices} if report is not None and report.plan else {}
+    bounds = []
+    for n in sorted(d for d in weights if isinstance(d, int)):
+        gpu = planned.get(n) or (targets[n].gpu if n < len(targets) else None)
+        bounds.append(GPUBound(n, gpu.name if gpu else None, weights[n], layers.get(n, 0) * per_layer, bandwidth(gpu)))
+    return Roofline(tuple(bounds), batch, context, measured_tokens_per_s, simulated)

@@ -1,0 +1,124 @@
+"""Which GPU was busy when during one decode step: forward hooks around each placed module record CUDA events
+(host clock on the CPU), and the intervals of each device are merged into busy blocks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from . import placement
+
+
+@dataclass(frozen=True)
+class Interval:
+    cuda_index: int
+    start_ms: float
+    end_ms: float
+    modules: str  # first..last module of the block
+
+
+@dataclass(frozen=True)
+class Timeline:
+    intervals: tuple[Interval, ...]
+    step_ms: float
+    simulated: bool
+    note: str
+
+    def busy(self) -> dict[int, float]:
+        """Fraction of the step each GPU was working."""
+        out: dict[int, float] = {}
+        for iv in self.intervals:
+            out[iv.cuda_index] = out.get(iv.cuda_index, 0.0) + (iv.end_ms - iv.start_ms)
+        return {k: (v / self.step_ms if self.step_ms else 0.0) for k, v in sorted(out.items())}
+
+    def __repr__(self) -> str:
+        sim = " [simulated — ran on CPU; blocks placed as on the simulated GPUs]" if self.simulated else ""
+        busy = ", ".join(f"cuda:{k} {v:.0%}" for k, v in self.busy().items())
+        return f"one decode step: {self.step_ms:.2f} ms; busy {busy}{sim}"
+
+    def figure(self):
+        from ..views.bench_view import timeline_figure
+
+        return timeline_figure(self)
+
+
+def _merge(records) -> list[Interval]:
+    """Consecutive module calls on the same device become one block."""
+    out: list[Interval] = []
+    for device, name, start, end in sorted(records, key=lambda r: r[2]):
+        last = out[-1] if out else None
+        if last is not None and last.cuda_index == device:
+            first_name = last.modules.split(" .. ")[0]
+            out[-1] = Interval(device, last.start_ms, max(last.end_ms, end), f"{first_name} .. {name}")
+        else:
+            out.append(Interval(device, start, end, name))
+    return out
+
+
+def _hooked_modules(model, device_map: dict):
+    """(module, name, cuda index) for each entry of the map that sits on a GPU."""
+    modules = dict(model.named_modules())
+    for name, device in device_map.items():
+        device = placement.normalise(device)
+        if isinstance(device, int) and name in modules:
+            yield modules[name], name or type(model).__name__, device
+
+
+def decode_step(model, input_ids, simulated: bool) -> Timeline:
+    """Prefill `input_ids`, then time one single-token decode step block by block."""
+    import torch
+
+    device_map = placement.gpu_map(model)
+    real = placement.cuda_devices(model)
+    sync = placement.synchronizer(real)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, use_cache=True)
+        next_ids = out.logits[:, -1:].argmax(-1).to(input_ids.device)
+        cache = out.past_key_values
+        del out
+        records, handles, pending = [], [], {}
+        use_events = bool(real) and not simulated
+        refs = {}
+
+        def stamp(device):
+            if use_events:
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record(torch.cuda.current_stream(device))
+                return ev
+            return time.perf_counter()
+
+        def pre(name, device):
+            def hook(module, args):
+                pending[name] = stamp(device)
+            return hook
+
+        def post(name, device):
+            def hook(module, args, output):
+                records.append((device, name, pending.pop(name), stamp(device)))
+            return hook
+
+        for module, name, device in _hooked_modules(model, device_map):
+            handles.append(module.register_forward_pre_hook(pre(name, device)))
+            handles.append(module.register_forward_hook(post(name, device)))
+        try:
+            sync()
+            devices = sorted({r for r in (d for _, _, d in _hooked_modules(model, device_map))})
+            refs = {d: stamp(d) for d in devices}  # all GPUs idle: these mark the same instant on each
+            model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+            sync()
+        finally:
+            for h in handles:
+                h.remove()
+
+    def ms(device, mark):
+        return refs[device].elapsed_time(mark) if use_events else (mark - refs[device]) * 1e3
+
+    timed = [(d, name, ms(d, a), ms(d, b)) for d, name, a, b in records]
+    intervals = _merge(timed)
+    step = max((iv.end_ms for iv in intervals), default=0.0) - min((iv.start_ms for iv in intervals), default=0.0)
+    origin = min((iv.start_ms for iv in intervals), default=0.0)
+    intervals = [Interval(iv.cuda_index, iv.start_ms - origin, iv.end_ms - origin, iv.modules) for iv in intervals]
+    note = ("CUDA events around each device's modules (forward hooks); devices aligned at a synchronised start, "
+            "to within a few microseconds" if use_events else
+            "host clock around each module on the CPU; device = where the module is placed")
+    return Timeline(tuple(intervals), step, simulated, note)
