@@ -1,0 +1,470 @@
+"""`nbgpu.monitor()`: a live view of the GPUs from inside the kernel, like `watch -n 1 nvidia-smi`.
+
+Three parts, kept apart: a `Sampler` turns one inventory reading into a `Sample` (memory split into this kernel's
+processes, other processes and free); a `Monitor` polls it from one daemon thread into a bounded history; the view
+(`nbgpu.views.monitor_view`, built only when displayed) draws samples and computes nothing.
+
+A kernel runs at most one poller: starting a monitor stops the one running before it, and `monitor()` called again
+with the same options returns the running one. The thread never prints: what goes wrong is kept in `Monitor.errors`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from html import escape
+from typing import Any, Callable, Iterable
+
+from . import devices, visibility
+from .devices import GPU, GPUProcess, Inventory
+from .errors import UsageError
+from .units import format_size
+
+METRICS = ("memory", "utilization", "temperature", "power")
+COLUMNS = ["time", "gpu", "cuda", "memory_used", "memory_this_kernel", "memory_other", "memory_free", "memory_total",
+           "utilization", "temperature", "power_draw", "simulated"]
+MIN_INTERVAL = 0.01  # seconds; NVML itself refreshes utilisation only every 1/6 s to 1 s
+THREAD_NAME = "nbgpu-monitor"
+
+
+@dataclass(frozen=True)
+class GPUSample:
+    """One GPU at one moment. None wherever the value was not available (a lost GPU, an unsupported field)."""
+
+    gpu: int  # physical index, as nvidia-smi prints it
+    cuda: str | None  # 'cuda:N' when this kernel sees the GPU
+    name: str | None
+    memory_total: int | None
+    memory_used: int | None
+    memory_free: int | None
+    memory_this_kernel: int | None  # this process and its children
+    memory_other: int | None  # everything else counted as used: other processes and the driver's reserve
+    utilization: int | None
+    temperature: int | None
+    power_draw: float | None
+    simulated: bool
+    processes: tuple[GPUProcess, ...] | None
+    own_pids: frozenset[int] = frozenset()
+    errors: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def label(self) -> str:
+        return f"GPU {self.gpu}" + (f" {self.cuda}" if self.cuda else "")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Every monitored GPU at one moment."""
+
+    time: float  # seconds since the epoch
+    gpus: tuple[GPUSample, ...]
+    backend: str  # "nvml" or "simulated"
+    message: str | None = None
+
+    @property
+    def simulated(self) -> bool:
+        return self.backend == "simulated"
+
+    @property
+    def datetime(self) -> datetime:
+        return datetime.fromtimestamp(self.time)
+
+
+@dataclass(frozen=True)
+class MonitorError:
+    """An exception caught in the poller (or while drawing), kept instead of printed."""
+
+    time: float
+    where: str  # "poll" or "view"
+    message: str
+    traceback: str
+
+    def __repr__(self) -> str:
+        return f"MonitorError({datetime.fromtimestamp(self.time):%H:%M:%S} in {self.where}: {self.message})"
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])  # the name may hold spaces or ')'
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _descends_from(pid: int, ancestor: int, depth: int = 16) -> bool:
+    for _ in range(depth):
+        pid = _parent_pid(pid)
+        if pid is None or pid <= 1:
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
+class Sampler:
+    """Turns one inventory reading into a Sample. `read` defaults to `nbgpu.devices.read` (NVML or simulated)."""
+
+    def __init__(self, read: Callable[[], Inventory] | None = None, gpus: Iterable[int] | None = None):
+        self.read = read or devices.read
+        self.gpus = None if gpus is None else frozenset(gpus)
+        self.pid = os.getpid()
+        self._visibility_key: Any = None
+        self._aliases: dict[int, str] = {}
+        self._ours: dict[int, bool] = {}  # pid -> is this process or a child of it (asked of /proc once per pid)
+
+    def poll(self) -> Sample:
+        now = time.time()
+        return self.sample(self.read(), now)
+
+    def sample(self, inv: Inventory, now: float) -> Sample:
+        aliases = self._aliases_for(inv)
+        seen_pids: set[int] = set()
+        rows = tuple(self._gpu_sample(g, aliases.get(g.index), seen_pids)
+                     for g in inv if self.gpus is None or g.index in self.gpus)
+        self._ours = {pid: ours for pid, ours in self._ours.items() if pid in seen_pids}  # forget exited processes
+        return Sample(now, rows, inv.backend, inv.message)
+
+    def _aliases_for(self, inv: Inventory) -> dict[int, str]:
+        # visibility.current() may ask /proc/self/maps whether CUDA started: only redo it when the setting changes
+        sim = devices.simulated()
+        key = (os.environ.get(visibility.VISIBLE), os.environ.get(visibility.ORDER), id(sim),
+               sim.visible if sim is not None else None, tuple((g.index, g.uuid) for g in inv))
+        if key != self._visibility_key:
+            vis = visibility.current(inv)
+            self._aliases = {g.index: a for g in inv if (a := vis.alias(g.index)) is not None}
+            self._visibility_key = key
+        return self._aliases
+
+    def _is_ours(self, pid: int) -> bool:
+        if pid == self.pid:
+            return True
+        if pid not in self._ours:
+            self._ours[pid] = _descends_from(pid, self.pid)
+        return self._ours[pid]
+
+    def _gpu_sample(self, g: GPU, alias: str | None, seen_pids: set[int]) -> GPUSample:
+        this = None
+        own: frozenset[int] = frozenset()
+        if g.processes is not None:
+            seen_pids.update(p.pid for p in g.processes)
+            mine = [p for p in g.processes if self._is_ours(p.pid)]
+            own = frozenset(p.pid for p in mine)
+            if all(p.used_memory is not None for p in mine):
+                this = sum(p.used_memory for p in mine)
+        other = None if this is None or g.memory_used is None else max(g.memory_used - this, 0)
+        return GPUSample(
+            gpu=g.index, cuda=alias, name=g.name, memory_total=g.memory_total, memory_used=g.memory_used,
+            memory_free=g.memory_free, memory_this_kernel=this, memory_other=other, utilization=g.utilization,
+            temperature=g.temperature, power_draw=g.power_draw, simulated=g.simulated, processes=g.processes,
+            own_pids=own, errors=dict(g.errors),
+        )
+
+
+# --- the one poller of this kernel ---------------------------------------------------------------------
+
+_registry_lock = threading.RLock()
+_current: Monitor | None = None
+_started: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_all() -> None:
+    for m in list(_started):
+        m.stop(timeout=1.0)
+
+
+atexit.register(_stop_all)
+
+
+def _gpu_list(gpus: int | str | Iterable[int] | None) -> tuple[int, ...] | None:
+    if gpus is None:
+        return None
+    items = gpus.split(",") if isinstance(gpus, str) else [gpus] if isinstance(gpus, int) else list(gpus)
+    try:
+        out = tuple(int(str(i).strip()) for i in items)
+    except ValueError:
+        raise UsageError(f"cannot read gpus={gpus!r}: give physical GPU indexes as nvidia-smi prints them, "
+                         "e.g. gpus=[0, 1] or gpus='0,1'") from None
+    if not out:
+        raise UsageError("gpus=[] names no GPU: leave gpus out to monitor every GPU")
+    return tuple(sorted(set(out)))
+
+
+def _metrics(show: str | Iterable[str], temperature: bool, power: bool) -> tuple[str, ...]:
+    names = [show] if isinstance(show, str) else list(show)
+    names = ["utilization" if n == "utilisation" else n for n in names]
+    bad = [n for n in names if n not in METRICS]
+    if bad:
+        raise UsageError(f"cannot show {', '.join(map(repr, bad))}: choose from {', '.join(METRICS)}")
+    names += ["temperature"] * temperature + ["power"] * power
+    return tuple(m for m in METRICS if m in names)
+
+
+class Monitor:
+    """Polls the GPUs every `interval` seconds in a background thread and keeps the last `history` samples.
+
+    Display it in a notebook for the live widget; `record()` (or `history`) gives the samples as a table;
+    `stop()` ends the polling; `with nbgpu.monitor() as m:` records across a block.
+    """
+
+    def __init__(self, interval: float = 1.0, history: int = 300, gpus: int | str | Iterable[int] | None = None,
+                 show: str | Iterable[str] = ("memory", "utilization"), temperature: bool = False,
+                 power: bool = False, *, read: Callable[[], Inventory] | None = None, start: bool = True):
+        try:
+            interval = float(interval)
+        except (TypeError, ValueError):
+            raise UsageError(f"interval={interval!r} is not a number of seconds, e.g. interval=1.0") from None
+        if not interval >= MIN_INTERVAL:
+            raise UsageError(f"interval={interval} s is too short: give at least {MIN_INTERVAL} s "
+                             "(NVML refreshes utilisation only every 1/6 s to 1 s; 1.0 is usual)")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise UsageError(f"history={history!r}: give the number of samples to keep, e.g. history=300")
+        self.interval = interval
+        self.history_length = history
+        self.gpus = _gpu_list(gpus)
+        self.show = _metrics(show, temperature, power)
+        self._read = read
+        self._sampler = Sampler(read, self.gpus)
+        self._samples: deque[Sample] = deque(maxlen=history)
+        self._lock = threading.Lock()
+        self.errors: deque[MonitorError] = deque(maxlen=100)
+        self._views: list[Any] = []
+        self._view = None
+        self._thread: threading.Thread | None = None
+        self._stop_event = threading.Event()
+        self.stopped_because: str | None = "not started"
+        now = time.time()
+        first = self._sampler.read()
+        self._check_gpus(first)
+        self._samples.append(self._sampler.sample(first, now))
+        if start:
+            self.start()
+
+    def _check_gpus(self, inv: Inventory) -> None:
+        if not len(inv) and inv.message:
+            raise UsageError(f"nothing to monitor: {inv.message}")
+        if self.gpus is not None:
+            missing = [i for i in self.gpus if i not in {g.index for g in inv}]
+            if missing:
+                have = ", ".join(str(g.index) for g in inv) or "none"
+                raise UsageError(f"there is no GPU {', '.join(map(str, missing))} on this machine "
+                                 f"(GPUs: {have}); give gpus= as nvidia-smi indexes")
+
+    def options(self) -> tuple:
+        return (self.interval, self.history_length, self.gpus, self.show, self._read)
+
+    # --- polling --------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop_event.is_set()
+
+    def start(self) -> Monitor:
+        """Start polling (stopping any other monitor of this kernel first). Does nothing if already running."""
+        global _current
+        with _registry_lock:
+            if self.running:
+                return self
+            if _current is not None and _current is not self:
+                _current.stop(reason="replaced by a newer monitor")
+            self._stop_event = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(self._stop_event,), name=THREAD_NAME,
+                                            daemon=True)
+            self.stopped_because = None
+            self._thread.start()
+            _current = self
+            _started.add(self)
+        return self
+
+    def stop(self, timeout: float = 5.0, reason: str = "stopped") -> Monitor:
+        """Stop polling; the history is kept. `start()` resumes."""
+        global _current
+        with _registry_lock:
+            if _current is self:
+                _current = None
+        was_running = self.running
+        self._stop_event.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        if was_running:
+            self.stopped_because = reason
+            self._notify("stopped", reason)
+        return self
+
+    def close(self) -> None:
+        """Stop polling and close the widget."""
+        self.stop()
+        if self._view is not None:
+            self._view.close()
+
+    def _run(self, stop: threading.Event) -> None:
+        next_at = time.monotonic() + self.interval
+        while not stop.wait(max(0.0, next_at - time.monotonic())):
+            try:
+                self._poll_once()
+            except BaseException as err:  # never let the thread die silently
+                self._record_error("poll", err)
+            next_at += self.interval
+            if next_at < time.monotonic():  # fell behind (a slow poll, a suspended machine): skip, don't burst
+                next_at = time.monotonic() + self.interval
+
+    def _poll_once(self) -> None:
+        try:
+            sample = self._sampler.poll()
+        except Exception as err:
+            self._record_error("poll", err)
+            return
+        with self._lock:
+            self._samples.append(sample)
+        self._notify("draw", sample)
+
+    def _notify(self, method: str, arg: Any) -> None:
+        for view in list(self._views):
+            try:
+                getattr(view, method)(arg)
+            except Exception as err:
+                self._record_error("view", err)
+
+    def _record_error(self, where: str, err: BaseException) -> None:
+        self.errors.append(MonitorError(time.time(), where, f"{type(err).__name__}: {err}",
+                                        "".join(traceback.format_exception(type(err), err, err.__traceback__))))
+
+    def subscribe(self, view: Any) -> None:
+        """Have `view.draw(sample)` called for each new sample and `view.stopped(reason)` when polling stops."""
+        self._views.append(view)
+
+    def unsubscribe(self, view: Any) -> None:
+        if view in self._views:
+            self._views.remove(view)
+
+    # --- the data -------------------------------------------------------------------------------------
+
+    @property
+    def samples(self) -> list[Sample]:
+        with self._lock:
+            return list(self._samples)
+
+    @property
+    def latest(self) -> Sample | None:
+        with self._lock:
+            return self._samples[-1] if self._samples else None
+
+    def record(self):
+        """The samples as a table, one row per GPU per sample: a pandas DataFrame if pandas is installed,
+        else a list of dicts. Columns: time, gpu, cuda, memory_* (bytes), utilization (%), temperature (C),
+        power_draw (W), simulated."""
+        rows = [{"time": s.datetime, **{c: getattr(g, c) for c in COLUMNS[1:]}} for s in self.samples for g in s.gpus]
+        try:
+            import pandas
+        except ImportError:
+            return rows
+        return pandas.DataFrame(rows, columns=COLUMNS)
+
+    @property
+    def history(self):
+        """Same as `record()`."""
+        return self.record()
+
+    def __enter__(self) -> Monitor:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self._poll_once()  # the state at the end of the block
+
+    # --- display --------------------------------------------------------------------------------------
+
+    @property
+    def widget(self):
+        """The live ipywidgets view (built on first use; needs plotly and ipywidgets)."""
+        if self._view is None:
+            from .views.monitor_view import MonitorView
+
+            self._view = MonitorView(self)
+        return self._view.widget
+
+    def _ipython_display_(self) -> None:
+        from IPython import get_ipython
+        from IPython.display import display
+
+        widget = None
+        if getattr(get_ipython(), "kernel", None) is not None:  # a terminal cannot show widgets
+            try:
+                widget = self.widget
+            except Exception as err:  # no plotly/ipywidgets: fall back to text, but say why in `errors`
+                self._record_error("view", err)
+        if widget is not None:
+            display(widget)
+        else:
+            display({"text/plain": repr(self), "text/html": self._repr_html_()}, raw=True)
+
+    def _status(self) -> str:
+        state = "running" if self.running else self.stopped_because or "stopped"
+        sim = " [SIMULATED GPUs]" if (s := self.latest) is not None and s.simulated else ""
+        errors = f", {len(self.errors)} error(s) in .errors" if self.errors else ""
+        return f"nbgpu monitor{sim}: {state}, every {self.interval:g} s, {len(self._samples)} of " \
+               f"{self.history_length} samples{errors}"
+
+    def __repr__(self) -> str:
+        sample = self.latest
+        lines = [self._status()]
+        if sample is not None:
+            lines += ["  " + line for line in sample_lines(sample, self.show)]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        sample = self.latest
+        body = "" if sample is None else "<br>".join(escape(line) for line in sample_lines(sample, self.show))
+        return f"<div><b>{escape(self._status())}</b><div style='font-family:monospace;font-size:12px'>{body}</div></div>"
+
+
+def _gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1024**3:.1f}"
+
+
+def sample_lines(sample: Sample, show: Iterable[str] = METRICS) -> list[str]:
+    """A sample as short text lines (also what the widget's terminal fallback shows)."""
+    lines = [f"{sample.datetime:%H:%M:%S}" + (" (simulated GPUs, not real hardware)" if sample.simulated else "")]
+    if not sample.gpus:
+        lines.append(sample.message or "no GPU")
+    for g in sample.gpus:
+        parts = [f"memory {_gib(g.memory_used)} / {_gib(g.memory_total)} GiB (this kernel {_gib(g.memory_this_kernel)}, "
+                 f"other {_gib(g.memory_other)}, free {_gib(g.memory_free)})"]
+        parts.append("util n/a" if g.utilization is None else f"util {g.utilization}%")
+        if "temperature" in show:
+            parts.append("temp n/a" if g.temperature is None else f"temp {g.temperature}C")
+        if "power" in show:
+            parts.append("power n/a" if g.power_draw is None else f"power {g.power_draw:.0f} W")
+        sim = " (simulated)" if g.simulated else ""
+        lines.append(f"{g.label} {g.name or 'n/a'}{sim}: " + ", ".join(parts))
+        for p in g.processes or ():
+            own = " (this kernel)" if p.pid in g.own_pids else ""
+            lines.append(f"    pid {p.pid}{own} {p.name or 'n/a'} {format_size(p.used_memory, 'MiB', 0)}")
+    return lines
+
+
+def monitor(interval: float = 1.0, history: int = 300, gpus: int | str | Iterable[int] | None = None,
+            show: str | Iterable[str] = ("memory", "utilization"), temperature: bool = False, power: bool = False,
+            *, read: Callable[[], Inventory] | None = None) -> Monitor:
+    """Start (or return) this kernel's GPU monitor: memory bars, utilisation and memory over time, processes.
+
+    Called again with the same options while running, it returns the running monitor; with other options it
+    replaces it. Either way one poller runs, never two. `gpus`: physical indexes to watch (default all).
+    """
+    with _registry_lock:
+        old = _current
+        if old is not None and old.running and old.options() == (
+                float(interval) if isinstance(interval, (int, float)) else interval, history, _gpu_list(gpus),
+                _metrics(show, temperature, power), read):
+            return old
+        return Monitor(interval, history, gpus, show, temperature, power, read=read)  # starting it stops `old`
+
+
+__all__ = ["COLUMNS", "GPUSample", "Monitor", "MonitorError", "Sample", "Sampler", "monitor", "sample_lines"]

@@ -1,0 +1,296 @@
+"""The GPU monitor on CPU: simulated GPUs and a stubbed pynvml (no timing assertions, only generous counts)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import fake_pynvml
+import nbgpu
+from nbgpu import devices
+from nbgpu.devices.simulated import CONTEXT_BYTES
+from nbgpu.errors import UsageError
+from nbgpu.monitor import COLUMNS, THREAD_NAME, Monitor, monitor
+from nbgpu.units import GiB
+
+
+def pollers() -> int:
+    return sum(t.name == THREAD_NAME and t.is_alive() for t in threading.enumerate())
+
+
+def wait_for(condition, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.fixture(autouse=True)
+def clean(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    yield
+    import nbgpu.monitor as mod
+
+    mod._stop_all()
+    devices.simulate(None)
+
+
+@pytest.fixture
+def sim():
+    return devices.simulate("2x24GiB")
+
+
+# --- a stubbed NVML (tests/fake_pynvml.py, installed by conftest's fake_nvml fixture) -------------------
+
+NVML_CALLS = [name for name in dir(fake_pynvml.make([])) if name.startswith("nvmlDevice")]
+
+
+def lose(module, index):
+    """Every NVML query about GPU `index` now fails as a GPU that fell off the bus does."""
+    for name in NVML_CALLS:
+        module.fail[(index, name)] = fake_pynvml.NVMLError_GpuIsLost
+
+
+@pytest.fixture
+def two_nvml_gpus(fake_nvml):
+    return fake_nvml([fake_pynvml.FakeGPU(uuid=fake_pynvml.uuid(i), bus_id=f"00000000:{7 + i:02X}:00.0",
+                                          util=40 + i, temperature=50 + i, used=2 * GiB) for i in range(2)])
+
+
+# --- polling --------------------------------------------------------------------------------------------
+
+def test_samples_arrive_at_the_interval(sim):
+    m = monitor(interval=0.05)
+    time.sleep(0.5)
+    m.stop()
+    samples = m.samples
+    assert 3 <= len(samples) <= 15
+    times = [s.time for s in samples]
+    assert times == sorted(times)
+    assert all(len(s.gpus) == 2 and s.simulated for s in samples)
+    assert not m.errors
+
+
+def test_stop_ends_the_thread_and_the_sampling(sim):
+    m = monitor(interval=0.05)
+    assert m.running and pollers() == 1
+    m.stop()
+    assert not m.running and pollers() == 0
+    count = len(m.samples)
+    time.sleep(0.2)
+    assert len(m.samples) == count
+    m.start()  # resumes, keeping the history
+    assert wait_for(lambda: len(m.samples) > count) and pollers() == 1
+
+
+def test_closing_the_widget_stops_the_thread(sim):
+    m = monitor(interval=0.05)
+    widget = m.widget
+    assert m.running
+    widget.close()
+    assert not m.running and pollers() == 0
+    assert m.stopped_because == "widget closed"
+
+
+def test_close_stops_the_thread_and_closes_the_widget(sim):
+    m = monitor(interval=0.05)
+    widget = m.widget
+    m.close()
+    assert not m.running and pollers() == 0
+    assert widget.comm is None
+
+
+def test_running_the_cell_again_never_leaves_a_second_poller(sim):
+    first = monitor(interval=0.05)
+    again = monitor(interval=0.05)
+    assert again is first and pollers() == 1  # same options: the running monitor is reused
+    other = monitor(interval=0.1, temperature=True)
+    assert other is not first and pollers() == 1
+    assert not first.running and first.stopped_because == "replaced by a newer monitor"
+    direct = Monitor(interval=0.05)
+    assert pollers() == 1 and direct.running and not other.running
+
+
+def test_bad_options_are_refused_and_the_running_monitor_goes_on(sim):
+    m = monitor(interval=0.05)
+    for kwargs in (dict(gpus=[7]), dict(interval=0), dict(history=0), dict(show=("memory", "fan")),
+                   dict(gpus="a,b"), dict(interval="fast")):
+        with pytest.raises(UsageError):
+            monitor(**kwargs)
+    assert m.running and pollers() == 1
+
+
+def test_no_gpu_at_all_is_a_clear_error(fake_nvml):
+    fake_nvml([], init_error=fake_pynvml.NVMLError_LibraryNotFound)
+    with pytest.raises(UsageError, match="nothing to monitor: NVML is not available"):
+        monitor()
+    assert pollers() == 0
+
+
+# --- NVML failures --------------------------------------------------------------------------------------
+
+def test_a_gpu_lost_mid_run_is_survived(two_nvml_gpus):
+    m = monitor(interval=0.05, temperature=True, power=True)
+    assert wait_for(lambda: len(m.samples) >= 3)
+    first = m.latest.gpus[1]
+    assert first.memory_used == 2 * GiB and first.utilization == 41 and first.temperature == 51
+    lose(two_nvml_gpus, 1)
+    lost_at = time.time()
+    assert wait_for(lambda: sum(s.time > lost_at for s in m.samples) >= 3)
+    assert m.running and pollers() == 1
+    after = [s for s in m.samples if s.time > lost_at]
+    for s in after:
+        gone, fine = s.gpus[1], s.gpus[0]
+        assert gone.memory_used is None and gone.utilization is None and gone.temperature is None
+        assert gone.power_draw is None and gone.memory_this_kernel is None and gone.processes is None
+        assert "GPU is lost" in gone.errors["memory"]
+        assert fine.memory_used == 2 * GiB and fine.utilization == 40 and not fine.errors
+    assert not m.errors  # per-field NVML errors are n/a values, not failures
+    text = repr(m)
+    assert "GPU 1 cuda:1" in text and "memory n/a / n/a GiB" in text and "util n/a" in text
+    view = (m.widget, m._view)[1]  # the widget draws the lost GPU as n/a
+    view.draw(m.latest, force=True)
+    assert view.bars.data[0].y[1] == "GPU 1 cuda:1 · memory n/a" and view.bars.data[-1].text[1] == "n/a"
+    assert view.series.data[1].y[-1] is None and "GPU is lost" in view.header.value
+    assert m.running and not m.errors
+
+
+def test_an_exception_in_the_poll_is_kept_and_the_thread_goes_on(sim):
+    calls = {"n": 0}
+
+    def flaky_read():
+        calls["n"] += 1
+        if calls["n"] in (3, 4):
+            raise RuntimeError("driver hiccup")
+        return devices.read()
+
+    m = monitor(interval=0.05, read=flaky_read)
+    assert wait_for(lambda: calls["n"] >= 7)
+    assert m.running
+    m.stop()
+    assert len(m.samples) == calls["n"] - 2
+    assert len(m.errors) == 2 and all("driver hiccup" in e.message and e.where == "poll" for e in m.errors)
+    assert "RuntimeError" in m.errors[0].traceback
+
+
+def test_a_failing_view_is_kept_in_errors(sim, capsys):
+    class Broken:
+        def draw(self, sample):
+            raise ValueError("cannot draw")
+
+        def stopped(self, reason):
+            pass
+
+    m = monitor(interval=0.05)
+    m.subscribe(Broken())
+    assert wait_for(lambda: len(m.errors) >= 2)
+    assert m.running and m.errors[0].where == "view"
+    m.stop()
+    assert capsys.readouterr() == ("", "")  # nothing printed
+
+
+# --- what is recorded -----------------------------------------------------------------------------------
+
+def test_history_is_one_row_per_gpu_per_sample(sim):
+    sim.allocate(0, 3 * GiB)
+    m = monitor(interval=0.05, history=5)
+    assert wait_for(lambda: len(m.samples) == 5)
+    time.sleep(0.15)
+    m.stop()
+    assert len(m.samples) == 5  # bounded
+    table = m.record()
+    assert list(table.columns) == COLUMNS and len(table) == 10
+    assert list(table["gpu"]) == [0, 1] * 5 and list(table["cuda"]) == ["cuda:0", "cuda:1"] * 5
+    assert table["simulated"].all()
+    assert (table["memory_this_kernel"] + table["memory_other"] == table["memory_used"]).all()
+    assert (table["memory_used"] + table["memory_free"] == table["memory_total"]).all()
+    assert table["time"].is_monotonic_increasing
+    assert m.history.equals(table)
+
+
+def test_history_without_pandas_is_a_list_of_dicts(sim, monkeypatch):
+    m = monitor(interval=0.05)
+    m.stop()
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    rows = m.record()
+    assert isinstance(rows, list) and len(rows) == 2 * len(m.samples)
+    assert list(rows[0]) == COLUMNS and rows[1]["gpu"] == 1
+
+
+def test_context_manager_records_the_block_and_follows_simulated_allocations(sim):
+    with monitor(interval=0.05) as m:
+        assert m.running
+        time.sleep(0.15)
+        sim.allocate(1, 5 * GiB)
+        time.sleep(0.15)
+    assert not m.running and pollers() == 0
+    table = m.record()
+    gpu1 = table[table["gpu"] == 1]
+    assert gpu1["memory_this_kernel"].iloc[0] == 0
+    assert gpu1["memory_this_kernel"].iloc[-1] == 5 * GiB + CONTEXT_BYTES  # the sample taken at the end of the block
+    assert gpu1["memory_other"].iloc[-1] == 0
+    assert (table[table["gpu"] == 0]["memory_this_kernel"] == 0).all()
+
+
+def test_only_the_chosen_gpus_and_their_cuda_alias(sim):
+    nbgpu.use("1")  # simulated: physical GPU 1 becomes cuda:0
+    m = monitor(interval=0.05, gpus=[0, 1])
+    m.stop()
+    g0, g1 = m.latest.gpus
+    assert (g0.gpu, g0.cuda, g1.gpu, g1.cuda) == (0, None, 1, "cuda:0")
+    only = monitor(interval=0.05, gpus="1")
+    only.stop()
+    assert [g.gpu for g in only.latest.gpus] == [1]
+
+
+def test_memory_of_this_process_and_its_children_is_told_from_others(two_nvml_gpus):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        stranger = 1  # init: never this kernel's child
+        two_nvml_gpus.gpus[0].compute[:] = [(os.getpid(), GiB), (child.pid, 512 * 1024**2), (stranger, 256 * 1024**2)]
+        m = monitor(interval=0.05)
+        m.stop()
+        g0 = m.latest.gpus[0]
+        assert g0.own_pids == {os.getpid(), child.pid}
+        assert g0.memory_this_kernel == GiB + 512 * 1024**2
+        assert g0.memory_other == 2 * GiB - g0.memory_this_kernel
+        assert f"pid {child.pid} (this kernel)" in repr(m) and "pid 1 proc1" in repr(m)
+    finally:
+        child.kill()
+        child.wait()
+
+
+# --- display --------------------------------------------------------------------------------------------
+
+def test_text_display_labels_simulated_gpus_and_this_kernel(sim):
+    sim.allocate(0, GiB)
+    m = monitor(interval=0.05)
+    m.stop()
+    text = repr(m)
+    assert "SIMULATED" in text and "(simulated)" in text and "(this kernel)" in text
+    assert "memory 1.5 / 24.0 GiB (this kernel 1.5, other 0.0, free 22.5)" in text
+    assert "simulated" in m._repr_html_().lower()
+
+
+def test_widget_draws_the_samples(sim):
+    sim.allocate(0, 2 * GiB)
+    m = monitor(interval=0.05, temperature=True)
+    view = (m.widget, m._view)[1]
+    m.stop()
+    view.draw(m.latest, force=True)
+    this_kernel, other, free = view.bars.data
+    assert this_kernel.y == ("GPU 0 cuda:0 (simulated)", "GPU 1 cuda:1 (simulated)")
+    assert this_kernel.x[0] == pytest.approx((2 * GiB + CONTEXT_BYTES) / GiB) and this_kernel.x[1] == 0
+    assert free.x[1] == pytest.approx(24)
+    assert len(view.series.data) == 3 * 2  # memory, utilisation, temperature for two GPUs
+    assert len(view.series.data[0].y) == len(m.samples)
+    assert "SIMULATED" in view.header.value and "SIMULATED" in view.bars.layout.title.text
+    assert "(this kernel)" in view.processes.value
+    assert not m.errors
