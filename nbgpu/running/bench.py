@@ -243,7 +243,7 @@ def bench(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 128, r
         step_latencies=[x for r in runs for x in r[2]], generated_tokens=batch * new_tokens, peak_memory=peak,
         timeline=steps,
     )
-    if explain:
+    if explain and on_gpus:
         result.roofline = roofline.estimate(model, batch, prompt_len, new_tokens, result.decode_tokens_per_s,
                                             simulated)
     return result

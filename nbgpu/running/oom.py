@@ -118,20 +118,21 @@ def guarded(call, on_oom):
 
 
 def plan_that_fits(plan, shortage: Shortage):
-    """A re-plan of `plan` (same batch first, then smaller batches, then shorter sequences) that fits now and leaves
-    `missing` bytes free on the device that ran out; None when none does."""
+    """A re-plan of `plan` (smaller batches, then shorter sequences) that fits and needs at least `missing` bytes
+    less on the device that ran out than `plan` did; None when none does."""
     if plan is None:
         return None
     batch, seq_len = int(plan.batch), int(plan.seq_len)
     candidates = []
-    b = batch
+    b = batch // 2
     while b >= 1:
         candidates.append((b, seq_len))
         b //= 2
     s = seq_len // 2
-    while s >= 128:
+    while s >= 16:
         candidates.append((1, s))
         s //= 2
+    before = {d.cuda_index: d.total for d in plan.devices}
     for b, s in candidates:
         try:
             cand = _replan(plan, b, s)
@@ -139,8 +140,11 @@ def plan_that_fits(plan, shortage: Shortage):
             continue
         if cand is None or not cand.fits:
             continue
-        dev = next((d for d in cand.devices if d.cuda_index == shortage.device), None)
-        if dev is None or shortage.missing is None or dev.free >= shortage.missing:
+        after = {d.cuda_index: d.total for d in cand.devices}
+        if shortage.device in before and shortage.device in after and shortage.missing is not None:
+            if before[shortage.device] - after[shortage.device] >= shortage.missing:
+                return cand
+        elif sum(after.values()) < sum(before.values()):
             return cand
     return None
 
