@@ -1,0 +1,36 @@
+"""`python -m nbgpu tour --html tour.html`: run the quick start headless and write it as an HTML page."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nbgpu")
+    commands = parser.add_subparsers(dest="command", required=True)
+    tour = commands.add_parser("tour", help="run the quick start notebook headless and write an HTML page with its "
+                                            "figures (simulated GPUs where there are none)")
+    tour.add_argument("--html", required=True, metavar="OUT.html", help="where to write the page")
+    tour.add_argument("--notebook", default=None, help="another notebook to run (default: the quick start)")
+    tour.add_argument("--simulate", metavar="SPEC", default=None,
+                      help="use simulated GPUs even where real ones exist, e.g. 4x24GiB")
+    tour.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
+    args = parser.parse_args(argv)
+
+    from .tour import QUICKSTART, tour as run_tour
+
+    notebook = Path(args.notebook) if args.notebook else QUICKSTART
+    if not notebook.exists():
+        parser.error(f"no notebook at {notebook}: run from a checkout of nbgpu, or pass --notebook PATH")
+    print(f"running {notebook.name} headless ...", file=sys.stderr)
+    errors = run_tour(args.html, notebook, simulate=args.simulate, timeout=args.timeout)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    print(f"wrote {args.html}" + (f" ({len(errors)} error(s))" if errors else ""), file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
