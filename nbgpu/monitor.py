@@ -17,10 +17,11 @@ import time
 import traceback
 import weakref
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from html import escape
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from . import devices, visibility
 from .devices import GPU, GPUProcess, Inventory
@@ -422,7 +423,8 @@ class Monitor:
     def _repr_html_(self) -> str:
         sample = self.latest
         body = "" if sample is None else "<br>".join(escape(line) for line in sample_lines(sample, self.show))
-        return f"<div><b>{escape(self._status())}</b><div style='font-family:monospace;font-size:12px'>{body}</div></div>"
+        style = "font-family:monospace;font-size:12px"
+        return f"<div><b>{escape(self._status())}</b><div style='{style}'>{body}</div></div>"
 
 
 def _gib(n: int | None) -> str:
@@ -435,8 +437,8 @@ def sample_lines(sample: Sample, show: Iterable[str] = METRICS) -> list[str]:
     if not sample.gpus:
         lines.append(sample.message or "no GPU")
     for g in sample.gpus:
-        parts = [f"memory {_gib(g.memory_used)} / {_gib(g.memory_total)} GiB (this kernel {_gib(g.memory_this_kernel)}, "
-                 f"other {_gib(g.memory_other)}, free {_gib(g.memory_free)})"]
+        parts = [f"memory {_gib(g.memory_used)} / {_gib(g.memory_total)} GiB (this kernel "
+                 f"{_gib(g.memory_this_kernel)}, other {_gib(g.memory_other)}, free {_gib(g.memory_free)})"]
         parts.append("util n/a" if g.utilization is None else f"util {g.utilization}%")
         if "temperature" in show:
             parts.append("temp n/a" if g.temperature is None else f"temp {g.temperature}C")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 import threading
 import time
 
+import fake_pynvml
 import pytest
 
-import fake_pynvml
 import nbgpu
 from nbgpu import devices
 from nbgpu.devices.simulated import CONTEXT_BYTES
@@ -158,7 +159,7 @@ def test_a_gpu_lost_mid_run_is_survived(two_nvml_gpus):
     view = (m.widget, m._view)[1]  # the widget draws the lost GPU as n/a
     view.draw(m.latest, force=True)
     assert view.bars.data[0].y[1] == "GPU 1 cuda:1 · memory n/a" and view.bars.data[-1].text[1] == "n/a"
-    assert view.series.data[1].y[-1] is None and "GPU is lost" in view.header.value
+    assert math.isnan(view.series.data[1].y[-1]) and "GPU is lost" in view.header.value
     assert m.running and not m.errors
 
 
@@ -294,3 +295,35 @@ def test_widget_draws_the_samples(sim):
     assert "SIMULATED" in view.header.value and "SIMULATED" in view.bars.layout.title.text
     assert "(this kernel)" in view.processes.value
     assert not m.errors
+
+
+def test_the_stop_button_and_a_front_end_closing_the_widget_stop_the_thread(sim):
+    m = monitor(interval=0.05)
+    m.widget  # noqa: B018
+    m._view.stop_button.click()
+    assert not m.running and pollers() == 0 and m._view.stop_button.disabled
+    m.start()
+    assert m.running
+    m.widget.comm.handle_close({})  # what the kernel does when the front end closes the widget's comm
+    assert not m.running and m.stopped_because == "widget closed"
+
+
+def test_outside_a_kernel_display_falls_back_to_text(sim):
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    InteractiveShell.instance()  # an IPython shell with no kernel, as in a terminal
+    m = monitor(interval=0.05)
+    with capture_output() as captured:
+        m._ipython_display_()
+    data = captured.outputs[0].data
+    assert data["text/plain"].startswith("nbgpu monitor [SIMULATED GPUs]: running")
+    assert "SIMULATED" in data["text/html"] and m._view is None  # no widget was built
+    assert m.running
+
+
+def test_importing_the_monitor_does_not_import_plotly_or_widgets():
+    code = ("import nbgpu, nbgpu.monitor, sys; nbgpu.Monitor; "
+            "print(sorted({'plotly', 'ipywidgets', 'torch'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

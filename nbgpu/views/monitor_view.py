@@ -11,6 +11,7 @@ import time
 from html import escape
 
 import ipywidgets as W
+import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
@@ -25,7 +26,7 @@ _METRIC = {  # metric -> (title, unit, value of a GPUSample)
     "temperature": ("temperature", "°C", lambda g: g.temperature),
     "power": ("power draw", "W", lambda g: g.power_draw),
 }
-_PARTS = (("this kernel", "memory_this_kernel", "#2563eb"), ("other processes", "memory_other", "#f59e0b"),
+_PARTS = (("this kernel", "memory_this_kernel", "#2563eb"), ("other processes + driver", "memory_other", "#f59e0b"),
           ("free", "memory_free", "#d1d5db"))
 
 
@@ -138,16 +139,21 @@ class MonitorView:
             self.bars.data[-1].textposition = "inside"
 
     def _draw_series(self, samples: list[Sample]) -> None:
-        times = [s.datetime for s in samples]
+        # numpy arrays: plotly checks and sends them whole (lists are walked item by item, ~10x slower)
+        times = np.array([s.datetime for s in samples], dtype="datetime64[ms]")
+        column = {gpu: k for k, gpu in enumerate(self._gpus)}
         metrics = self.monitor.show or ("utilization",)
+        values = np.full((len(metrics), len(self._gpus), len(samples)), np.nan)
+        for t, s in enumerate(samples):
+            for g in s.gpus:
+                if (k := column.get(g.gpu)) is not None:
+                    for row, metric in enumerate(metrics):
+                        v = _METRIC[metric][2](g)
+                        if v is not None:
+                            values[row, k, t] = v
         with self.series.batch_update():
-            k = 0
-            for metric in metrics:
-                value = _METRIC[metric][2]
-                for gpu in self._gpus:
-                    ys = [next((value(g) for g in s.gpus if g.gpu == gpu), None) for s in samples]
-                    self.series.data[k].x, self.series.data[k].y = times, ys
-                    k += 1
+            for trace, ys in zip(self.series.data, values.reshape(-1, len(samples))):
+                trace.x, trace.y = times, ys
 
     def _draw_header(self) -> None:
         m = self.monitor
