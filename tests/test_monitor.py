@@ -327,3 +327,23 @@ def test_importing_the_monitor_does_not_import_plotly_or_widgets():
             "print(sorted({'plotly', 'ipywidgets', 'torch'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_in_a_kernel_the_widget_shows_and_other_cells_get_no_output_from_the_poller():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    cells = [
+        "import threading, time, nbgpu\nnbgpu.simulate('2x24GiB')\n"
+        "m = nbgpu.monitor(interval=0.1, temperature=True)\nm",
+        "time.sleep(1.0)\nprint('only this')",
+        "again = nbgpu.monitor(interval=0.1, temperature=True)\n"
+        "print(again is m, sum(t.name == 'nbgpu-monitor' for t in threading.enumerate()))",
+        "m.stop()\nprint(len(m.samples) >= 5, list(m.errors), m.running)",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    shown, quiet, rerun, stopped = (c.outputs for c in nb.cells)
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in shown)
+    assert [(o.output_type, o.get("text")) for o in quiet] == [("stream", "only this\n")]
+    assert rerun[0].text == "True 1\n"
+    assert stopped[0].text == "True [] False\n"
