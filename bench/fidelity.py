@@ -56,16 +56,21 @@ def hand_loop(model, batch: int, prompt_len: int, new_tokens: int, repeats: int)
     return statistics.median(rates)
 
 
-def compare(shape: str, device: str, batch=1, prompt_len=128, new_tokens=128, repeats=5):
+def compare(shape: str, device: str, batch=1, prompt_len=128, new_tokens=128, repeats=5, rounds=3):
+    """`rounds` alternations of nbgpu.bench and the hand loop (each `repeats` runs), so drift hits both alike."""
     model = build(shape, device)
-    result = nbgpu.bench(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-                         explain=device == "cuda")
-    loop = hand_loop(model, batch, prompt_len, new_tokens, repeats)
-    ours = result.decode_tokens_per_s
-    print(f"[{shape} on {device}] nbgpu.bench decode {ours:,.1f} tokens/s; hand-written loop {loop:,.1f} tokens/s; "
-          f"difference {(ours - loop) / loop:+.2%}")
-    print(f"    per token: bench {1e3 / ours * batch:.3f} ms, loop {1e3 / loop * batch:.3f} ms, "
-          f"bench overhead {1e3 * batch * (1 / ours - 1 / loop):+.3f} ms/token")
+    ours, loops, result = [], [], None
+    for _ in range(rounds):
+        result = nbgpu.bench(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+                             explain=device == "cuda")
+        ours.append(result.decode_tokens_per_s)
+        loops.append(hand_loop(model, batch, prompt_len, new_tokens, repeats))
+    ours_m, loop_m = statistics.median(ours), statistics.median(loops)
+    print(f"[{shape} on {device}] nbgpu.bench decode {ours_m:,.1f} tokens/s; hand-written loop {loop_m:,.1f} "
+          f"tokens/s; difference {(ours_m - loop_m) / loop_m:+.2%} (medians of {rounds} alternating rounds; "
+          f"bench {min(ours):,.1f}..{max(ours):,.1f}, loop {min(loops):,.1f}..{max(loops):,.1f})")
+    print(f"    per token: bench {1e3 * batch / ours_m:.3f} ms, loop {1e3 * batch / loop_m:.3f} ms, "
+          f"bench overhead {1e3 * batch * (1 / ours_m - 1 / loop_m):+.3f} ms/token")
     if result.roofline is not None:
         print("    " + repr(result.roofline))
     if result.timeline is not None:

@@ -95,6 +95,8 @@ def test_a_real_out_of_memory_while_generating_leaves_the_kernel_usable(llama_1b
     plan = nbgpu.plan(llama_1b, batch=1, seq_len=512)
     model = nbgpu.load(plan, show=False)
     device = model.nbgpu_load.gpus[0].cuda_index
+    gc.collect()
+    torch.cuda.empty_cache()  # earlier tests' freed blocks would otherwise count as room inside the limit
     total = torch.cuda.get_device_properties(device).total_memory
     used = torch.cuda.memory_reserved(device)
     torch.cuda.set_per_process_memory_fraction(min(1.0, (used + 256 * 1024**2) / total), device)
