@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -105,9 +106,9 @@ def _accept_kernel_dialog(page) -> None:
     page.wait_for_selector(".jp-Dialog", state="detached", timeout=10_000)
 
 
-def _output_of(page, code_text: str):
-    """The output area of the code cell whose source contains `code_text`."""
-    cell = page.locator(".jp-CodeCell").filter(has=page.locator(".jp-InputArea", has_text=code_text)).first
+def _output_of(page, code_text):
+    """The output area of the code cell whose source contains `code_text` (a string or a regex)."""
+    cell = page.locator(".jp-CodeCell").filter(has=page.locator(".jp-InputArea .cm-content", has_text=code_text)).first
     return cell.locator(".jp-OutputArea").first
 
 
@@ -162,7 +163,7 @@ def test_quickstart_runs_in_jupyterlab_and_draws_its_figures(lab):
             assert tracebacks.count() == 0, tracebacks.first.inner_text()
 
             # the GPU table says the GPUs are simulated
-            table = _output_of(page, "%gpus")
+            table = _output_of(page, re.compile(r"^\s*%gpus\s*$"))
             assert "SIMULATED" in table.inner_text()
 
             # the plan's memory bars: one bar per chosen GPU for every memory segment
