@@ -29,7 +29,12 @@ def main(argv: list[str]) -> int:
     failed = 0
     for path in sorted(glob.glob("notebooks/*.ipynb")):
         start = time.perf_counter()
-        nb = tour.execute(path, timeout=300)
+        try:
+            nb = tour.execute(path, timeout=300)
+        except Exception as err:  # a failing cell: report it and go on with the next notebook
+            failed += 1
+            print(f"### {path}: FAILED after {time.perf_counter() - start:.0f} s: {str(err)[-800:]}")
+            continue
         errors = tour.error_outputs(nb)
         failed += bool(errors)
         print(f"### {path}: {time.perf_counter() - start:.0f} s, {len(errors)} error output(s)")

@@ -111,6 +111,8 @@ def load(plan_or_model, *, show: bool = True, **from_pretrained_kwargs):
     from transformers.utils import logging as hf_logging
 
     gpu_ids = [] if simulated else _gpu_targets(kwargs.get("device_map"), torch)
+    if gpu_ids:
+        torch.cuda.init()  # the allocator's per-device stats exist only once CUDA has started in this process
     before = {d: torch.cuda.memory_allocated(d) for d in gpu_ids}
     for d in gpu_ids:
         torch.cuda.reset_peak_memory_stats(d)
