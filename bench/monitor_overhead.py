@@ -16,7 +16,7 @@ import time
 
 from nbgpu import devices
 from nbgpu.devices.nvml import NVMLReader
-from nbgpu.monitor import Monitor, Sampler
+from nbgpu.monitoring import Monitor, Sampler
 
 
 def thread_cpu_seconds(thread: threading.Thread) -> float:

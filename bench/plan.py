@@ -59,8 +59,8 @@ def main():
     for name, shape in SHAPES.items():
         cfg = LlamaConfig(vocab_size=128256, num_key_value_heads=8, **shape)
         for n in (2, 4, 8):
-            t_ours, plan = best_of(lambda: nbgpu.plan(cfg, gpus=f"{n}xA100-80GB", batch=1, seq_len=4096))
-            t_acc, _ = best_of(lambda: accelerate_only(cfg, n))
+            t_ours, plan = best_of(lambda cfg=cfg, n=n: nbgpu.plan(cfg, gpus=f"{n}xA100-80GB", batch=1, seq_len=4096))
+            t_acc, _ = best_of(lambda cfg=cfg, n=n: accelerate_only(cfg, n))
             acc = nbgpu.plan(cfg, gpus=f"{n}xA100-80GB", batch=1, seq_len=4096, strategy="accelerate")
             print(f"{name:14} {n:>4} {t_ours:8.3f} {t_acc:8.3f} {t_ours / t_acc:6.2f} "
                   f"{balance([d.total for d in plan.devices]):9.3f} {balance([d.total for d in acc.devices]):9.3f} "

@@ -24,8 +24,8 @@ _LAZY = {
     "bench": "nbgpu.running",
     "compare": "nbgpu.running",
     "BenchResult": "nbgpu.running",
-    "monitor": "nbgpu.monitor",
-    "Monitor": "nbgpu.monitor",
+    "monitor": "nbgpu.monitoring",
+    "Monitor": "nbgpu.monitoring",
 }
 
 

@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     tour.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
     args = parser.parse_args(argv)
 
-    from .tour import QUICKSTART, tour as run_tour
+    from .tour import QUICKSTART
+    from .tour import tour as run_tour
 
     notebook = Path(args.notebook) if args.notebook else QUICKSTART
     if not notebook.exists():

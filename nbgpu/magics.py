@@ -62,13 +62,13 @@ def _monitor_parser() -> _Parser:
 
 
 def gpu_monitor_magic(line: str):
-    from . import monitor as monitor_module
+    from . import monitoring
 
     args = _monitor_parser().parse_args(shlex.split(line))
     if args.action == "stop":
-        return monitor_module.stop_all()
-    return monitor_module.monitor(interval=args.interval, history=args.history,
-                                  temperature=args.temperature, power=args.power)
+        return monitoring.stop_all()
+    return monitoring.monitor(interval=args.interval, history=args.history,
+                              temperature=args.temperature, power=args.power)
 
 
 def _show_errors(fn):

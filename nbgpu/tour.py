@@ -96,7 +96,8 @@ def error_outputs(nb) -> list[str]:
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
                 found.append(f"cell {index}: {out.get('ename')}: {out.get('evalue')}")
-            elif out.get("output_type") == "stream" and out.get("name") == "stderr" and "Traceback" in out.get("text", ""):
+            elif out.get("output_type") == "stream" and out.get("name") == "stderr" \
+                    and "Traceback" in out.get("text", ""):
                 found.append(f"cell {index}: traceback on stderr: {out['text'][-500:]}")
     return found
 

@@ -78,3 +78,15 @@ def test_load_ext_does_not_import_heavy_libraries():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY=\n" in out.stdout
+
+
+def test_gpu_monitor_magic_starts_and_stops():
+    import nbgpu
+    from nbgpu.magics import gpu_monitor_magic
+
+    devices.simulate("2x24GiB")
+    nbgpu.monitor(interval=0.05).stop()  # the function, while nbgpu.monitoring is the module
+    mon = gpu_monitor_magic("--interval 0.05 --history 10")
+    assert mon.running
+    gpu_monitor_magic("stop")
+    assert not mon.running

@@ -16,7 +16,7 @@ import nbgpu
 from nbgpu import devices
 from nbgpu.devices.simulated import CONTEXT_BYTES
 from nbgpu.errors import UsageError
-from nbgpu.monitor import COLUMNS, THREAD_NAME, Monitor, monitor
+from nbgpu.monitoring import COLUMNS, THREAD_NAME, Monitor, monitor
 from nbgpu.units import GiB
 
 
@@ -37,9 +37,9 @@ def wait_for(condition, timeout=5.0):
 def clean(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     yield
-    import nbgpu.monitor as mod
+    import nbgpu.monitoring as mod
 
-    mod._stop_all()
+    mod.stop_all()
     devices.simulate(None)
 
 
@@ -323,7 +323,7 @@ def test_outside_a_kernel_display_falls_back_to_text(sim):
 
 
 def test_importing_the_monitor_does_not_import_plotly_or_widgets():
-    code = ("import nbgpu, nbgpu.monitor, sys; nbgpu.Monitor; "
+    code = ("import nbgpu, nbgpu.monitoring, sys; nbgpu.Monitor; "
             "print(sorted({'plotly', 'ipywidgets', 'torch'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from nbgpu import devices, visibility
-from nbgpu.monitor import Monitor
+from nbgpu.monitoring import Monitor
 
 pytestmark = pytest.mark.gpu
 

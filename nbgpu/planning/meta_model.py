@@ -80,8 +80,9 @@ def read_config(source):
     except (OSError, ValueError) as exc:
         where = "a local folder" if os.path.isdir(text) else "not a local folder, and its config is neither cached " \
             "nor reachable on the hub (offline?)"
+        first_line = str(exc).splitlines()[0][:200]
         raise UsageError(f"cannot read the config of {text!r}: {where}. Pass a local checkpoint folder, a config "
-                         f"object or a dict instead. ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+                         f"object or a dict instead. ({type(exc).__name__}: {first_line})") from None
 
 
 def _refuse(text, why):

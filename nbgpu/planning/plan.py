@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .. import devices as _devices
 from ..devices import GPU
 from ..errors import UsageError
 from ..units import GiB, format_size, parse_size

@@ -102,7 +102,8 @@ class BenchResult:
             f"p50 {self.latency_p50_s * 1e3:.2f} ms, p90 {self.latency_p90_s * 1e3:.2f} ms",
         ]
         if self.peak_memory:
-            lines.append("  peak memory " + ", ".join(f"cuda:{k} {format_size(v, 'auto')}" for k, v in self.peak_memory.items()))
+            peaks = ", ".join(f"cuda:{k} {format_size(v, 'auto')}" for k, v in self.peak_memory.items())
+            lines.append("  peak memory " + peaks)
         if self.roofline is not None:
             lines.append("  " + repr(self.roofline))
         if self.timeline is not None:
@@ -171,7 +172,8 @@ def _label(model, compile: bool, devices_used, simulated: bool) -> str:
         n = len({d for d in placement.gpu_map(model).values() if isinstance(d, int)})
         where = f"{n} simulated GPU" + ("s" if n != 1 else "")
     else:
-        where = "CPU" if devices_used == ["cpu"] else f"{len(devices_used)} GPU" + ("s" if len(devices_used) > 1 else "")
+        plural = "s" if len(devices_used) > 1 else ""
+        where = "CPU" if devices_used == ["cpu"] else f"{len(devices_used)} GPU{plural}"
     return f"{name} {where} {'compiled' if compile else 'eager'}"
 
 
@@ -237,7 +239,8 @@ def bench(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 128, r
     finally:
         _simulate_load(model, sim, busy=False)
     result = BenchResult(
-        label=label or _label(model, compile, used, simulated), batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+        label=label or _label(model, compile, used, simulated),
+        batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
         repeats=repeats, warmup=warmup, compiled=compile, simulated=simulated, devices=used,
         ttft=[r[0] for r in runs], decode_seconds=[r[1] for r in runs],
         step_latencies=[x for r in runs for x in r[2]], generated_tokens=batch * new_tokens, peak_memory=peak,

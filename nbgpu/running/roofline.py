@@ -68,7 +68,7 @@ class Roofline:
 def kv_bytes_per_layer(config, batch: int, context: int, element_size: int) -> int:
     """Keys and values of one decoder layer for `batch` sequences of `context` tokens."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = getattr(text, "num_attention_heads")
+    heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return 2 * kv_heads * head_dim * context * batch * element_size

@@ -69,7 +69,8 @@ def bench_html(result) -> str:
     if result.roofline is not None:
         pairs.append(("roofline (estimate)", repr(result.roofline).split(": ", 1)[1]))
     if result.timeline is not None:
-        pairs.append(("busy in one decode step", ", ".join(f"cuda:{k} {v:.0%}" for k, v in result.timeline.busy().items())))
+        busy = ", ".join(f"cuda:{k} {v:.0%}" for k, v in result.timeline.busy().items())
+        pairs.append(("busy in one decode step", busy))
     sim = f"<div>{SIM_BADGE}</div>" if result.simulated else ""
     parts = [f"<div><b>{escape(result.label)}</b>{sim}{_table(pairs)}", figure_html(bench_figure(result))]
     if result.timeline is not None and result.timeline.intervals:

@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from ..monitor import Monitor, Sample
+from ..monitoring import Monitor, Sample
 
 GiB = 1024**3
 MIN_REDRAW = 0.2  # seconds between redraws, whatever the polling interval (each redraw sends the whole history)

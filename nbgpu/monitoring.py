@@ -175,12 +175,13 @@ _current: Monitor | None = None
 _started: weakref.WeakSet = weakref.WeakSet()
 
 
-def _stop_all() -> None:
+def stop_all() -> None:
+    """Stop every monitor this kernel started (`%gpu_monitor stop`; also run at exit)."""
     for m in list(_started):
         m.stop(timeout=1.0)
 
 
-atexit.register(_stop_all)
+atexit.register(stop_all)
 
 
 def _gpu_list(gpus: int | str | Iterable[int] | None) -> tuple[int, ...] | None:
