@@ -112,8 +112,9 @@ class MonitorView:
         metrics = self.monitor.show or ("utilization",)
         series = make_subplots(rows=len(metrics), cols=1, shared_xaxes=True, vertical_spacing=0.08,
                                subplot_titles=[f"{_METRIC[m][0]} ({_METRIC[m][1]})" for m in metrics])
-        series.update_layout(height=60 + 160 * len(metrics), margin=dict(l=10, r=10, t=40, b=20),
-                             template="plotly_white", legend=dict(orientation="h", y=1.08),
+        # the legend goes under the plots, so it never covers the first subplot's title
+        series.update_layout(height=110 + 160 * len(metrics), margin=dict(l=10, r=10, t=40, b=20),
+                             template="plotly_white", legend=dict(orientation="h", y=-0.12, yanchor="top"),
                              title=dict(text=f"Over time · {self._title(sample)}", font=dict(size=13)))
         palette = qualitative.Plotly
         for row, metric in enumerate(metrics, start=1):
