@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 import nbgpu
@@ -11,16 +9,6 @@ from nbgpu.errors import UsageError
 from nbgpu.units import GiB
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True)
-def clean_state():
-    saved = dict(os.environ)
-    nbgpu.devices.simulate(None)
-    yield
-    nbgpu.devices.simulate(None)
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def llama(layers=8, hidden=512, heads=8, kv_heads=2, vocab=32000, inter=1408):

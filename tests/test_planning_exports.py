@@ -14,16 +14,6 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True)
-def clean_state():
-    saved = dict(os.environ)
-    nbgpu.devices.simulate(None)
-    yield
-    nbgpu.devices.simulate(None)
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def tiny_llama(tied=False):
     return transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
