@@ -276,7 +276,8 @@ def test_text_display_labels_simulated_gpus_and_this_kernel(sim):
     m.stop()
     text = repr(m)
     assert "SIMULATED" in text and "(simulated)" in text and "(this kernel)" in text
-    assert "memory 1.5 / 24.0 GiB (this kernel 1.5, other 0.0, free 22.5)" in text
+    used = (GiB + CONTEXT_BYTES) / GiB  # what was placed plus the simulated CUDA context
+    assert f"memory {used:.1f} / 24.0 GiB (this kernel {used:.1f}, other 0.0, free {24 - used:.1f})" in text
     assert "simulated" in m._repr_html_().lower()
 
 

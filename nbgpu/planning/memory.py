@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..units import MiB
+from ..devices.simulated import CONTEXT_BYTES
 
-# CUDA context + framework workspace per GPU in use (cuBLAS, allocator slack): bench/plan_vs_measured.py measured
-# 0.68 GiB on an H100 with torch 2.11 / CUDA 13; older GPUs and CUDA versions take less, so this errs on the safe side
-DEFAULT_CONTEXT = 700 * MiB
+DEFAULT_CONTEXT = CONTEXT_BYTES  # CUDA context + framework workspace per GPU in use
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
