@@ -135,7 +135,7 @@ def plan_that_fits(plan, shortage: Shortage):
     before = {d.cuda_index: d.total for d in plan.devices}
     for b, s in candidates:
         try:
-            cand = _replan(plan, b, s)
+            cand = plan.with_batch(batch=b, seq_len=s)
         except Exception:  # noqa: BLE001 - a candidate the planner refuses is simply not offered
             continue
         if cand is None or not cand.fits:
@@ -147,14 +147,6 @@ def plan_that_fits(plan, shortage: Shortage):
         elif sum(after.values()) < sum(before.values()):
             return cand
     return None
-
-
-def _replan(plan, batch: int, seq_len: int):
-    if hasattr(plan, "with_batch"):
-        return plan.with_batch(batch=batch, seq_len=seq_len)
-    from ..planning import plan as make_plan
-
-    return make_plan(plan.source, batch=batch, seq_len=seq_len)
 
 
 def plan_call(plan) -> str:
