@@ -26,7 +26,7 @@ from typing import Any
 from . import devices, visibility
 from .devices import GPU, GPUProcess, Inventory
 from .errors import UsageError
-from .units import format_size
+from .units import GiB, format_size
 
 METRICS = ("memory", "utilization", "temperature", "power")
 COLUMNS = ["time", "gpu", "cuda", "memory_used", "memory_this_kernel", "memory_other", "memory_free", "memory_total",
@@ -429,7 +429,7 @@ class Monitor:
 
 
 def _gib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 1024**3:.1f}"
+    return "n/a" if n is None else f"{n / GiB:.1f}"
 
 
 def sample_lines(sample: Sample, show: Iterable[str] = METRICS) -> list[str]:

@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-GiB = 1024**3
+from ..units import GiB
+
 COLORS = {"weights": "#4C78A8", "KV cache": "#F58518", "activations": "#72B7B2", "context": "#B279A2",
           "others": "#9D755D", "free": "#E6E6E6"}
 OVER = "#D62728"

@@ -17,8 +17,8 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from ..monitoring import Monitor, Sample
+from ..units import GiB
 
-GiB = 1024**3
 MIN_REDRAW = 0.2  # seconds between redraws, whatever the polling interval (each redraw sends the whole history)
 _METRIC = {  # metric -> (title, unit, value of a GPUSample)
     "memory": ("memory used", "GiB", lambda g: None if g.memory_used is None else g.memory_used / GiB),

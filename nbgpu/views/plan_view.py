@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from html import escape
 
+from ..units import GiB
 from .memory_bars import _PALETTE, memory_bars
 
-GiB = 1024**3
 _OFFLOAD_COLORS = {"cpu": "#7F7F7F", "disk": "#3B3B3B"}
 
 
