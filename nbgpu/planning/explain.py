@@ -4,7 +4,7 @@ how many GPUs of this size would fit, and a tensor-parallel size that would."""
 from __future__ import annotations
 
 from ..units import format_size
-from . import strategies
+from . import memory, strategies
 
 
 def explain(plan) -> str:
@@ -106,7 +106,7 @@ def fewest_gpus_text(plan) -> str:
 def tensor_parallel(plan, limit: int = 64) -> int | None:
     """The smallest tensor_parallel_size that divides the attention and KV head counts and fits each GPU like
     cuda:0 (weights and KV cache split evenly, activations and context whole on each)."""
-    cfg = plan.config.get_text_config() if hasattr(plan.config, "get_text_config") else plan.config
+    cfg = memory.text_config(plan.config)
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     weights = sum(u.size for u in plan.units)

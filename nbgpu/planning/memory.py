@@ -28,14 +28,15 @@ class Estimates:
     notes: list[str] = field(default_factory=list)  # what could not be estimated exactly
 
 
-def _text_config(config):
+def text_config(config):
+    """The language model's part of a config (multimodal configs nest it)."""
     getter = getattr(config, "get_text_config", None)
     return getter() if getter else config
 
 
 def layer_types(config) -> list[str]:
     """Per decoder layer, its cache kind, mirroring transformers' cache_utils.get_layer_types_and_kwargs."""
-    cfg = _text_config(config)
+    cfg = text_config(config)
     n = cfg.num_hidden_layers
     types = getattr(cfg, "layer_types", None)
     if types is None:
@@ -50,7 +51,7 @@ def layer_types(config) -> list[str]:
 
 def kv_bytes_per_token(config, dtype: str) -> tuple[int, str]:
     """Bytes one token of one sequence takes in one attention layer's cache, and how that was worked out."""
-    cfg = _text_config(config)
+    cfg = text_config(config)
     b = dtype_bytes(dtype)
     if getattr(cfg, "kv_lora_rank", None):
         rope = getattr(cfg, "qk_rope_head_dim", 0) or 0
@@ -62,7 +63,7 @@ def kv_bytes_per_token(config, dtype: str) -> tuple[int, str]:
 
 
 def estimate(config, dtype: str, batch: int, seq_len: int) -> Estimates:
-    cfg = _text_config(config)
+    cfg = text_config(config)
     b = dtype_bytes(dtype)
     per_token, _ = kv_bytes_per_token(cfg, dtype)
     notes: list[str] = []

@@ -59,14 +59,11 @@ def bytes_per_device(model, device_map: dict) -> dict:
     return dict(out)
 
 
-def layers_per_device(model, device_map: dict) -> dict:
-    """Decoder layers (the model's no-split blocks) on each device."""
+def layer_devices(model, device_map: dict) -> list:
+    """The device of each decoder layer (the model's no-split blocks), in layer order."""
     block_names = set(getattr(model, "_no_split_modules", None) or [])
-    out: dict = defaultdict(int)
-    for name, module in model.named_modules():
-        if type(module).__name__ in block_names:
-            out[device_of(device_map, name)] += 1
-    return dict(out)
+    return [device_of(device_map, name) for name, module in model.named_modules()
+            if type(module).__name__ in block_names]
 
 
 def cuda_devices(model) -> list[int]:

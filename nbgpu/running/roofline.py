@@ -7,10 +7,12 @@ table; real kernels reach 80-90% of it.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 from .. import visibility
 from ..devices import specs
+from ..planning import memory
 from ..units import format_size
 from . import placement
 
@@ -65,15 +67,6 @@ class Roofline:
         return f"decode roofline ({self.note}): {bound}{frac}{sim} — {per}"
 
 
-def kv_bytes_per_layer(config, batch: int, context: int, element_size: int) -> int:
-    """Keys and values of one decoder layer for `batch` sequences of `context` tokens."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * kv_heads * head_dim * context * batch * element_size
-
-
 def bandwidth(gpu) -> float | None:
     if gpu is None:
         return None
@@ -87,15 +80,17 @@ def estimate(model, batch: int, prompt_len: int, new_tokens: int, measured_token
              simulated: bool) -> Roofline:
     where = placement.gpu_map(model)
     weights = placement.bytes_per_device(model, where)
-    layers = placement.layers_per_device(model, where)
     context = prompt_len + new_tokens // 2
-    element = next(model.parameters()).element_size()
-    per_layer = kv_bytes_per_layer(model.config, batch, context, element)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    kv_per_layer = memory.estimate(model.config, dtype, batch, context).kv_per_layer  # the planner's rule
+    kv = defaultdict(int)
+    for layer, device in enumerate(placement.layer_devices(model, where)):
+        kv[device] += kv_per_layer.get(layer, 0)
     targets = visibility.current().targets
     report = getattr(model, "nbgpu_load", None)
     planned = {d.cuda_index: d.gpu for d in report.plan.devices} if report is not None and report.plan else {}
     bounds = []
     for n in sorted(d for d in weights if isinstance(d, int)):
         gpu = planned.get(n) or (targets[n].gpu if n < len(targets) else None)
-        bounds.append(GPUBound(n, gpu.name if gpu else None, weights[n], layers.get(n, 0) * per_layer, bandwidth(gpu)))
+        bounds.append(GPUBound(n, gpu.name if gpu else None, weights[n], kv[n], bandwidth(gpu)))
     return Roofline(tuple(bounds), batch, context, measured_tokens_per_s, simulated)
