@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .. import devices, visibility
 from ..errors import UsageError
+from ..planning.meta_model import dtype_name
 from ..units import format_size
 from . import oom, placement
 
@@ -258,7 +259,7 @@ def _report(model, plan, source, sim, simulated, seconds, before, torch, user_de
         ))
     report = LoadReport(
         source=source, plan=plan, simulated=simulated, placement=where, gpus=rows, seconds=seconds,
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        dtype=dtype_name(next(model.parameters()).dtype),
         cpu_weights=tensor_bytes.get("cpu", 0),
         disk_weights=tensor_bytes.get("disk", 0),
     )

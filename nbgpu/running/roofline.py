@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .. import visibility
 from ..devices import specs
 from ..planning import memory
+from ..planning.meta_model import dtype_name
 from ..units import format_size
 from . import placement
 
@@ -81,7 +82,7 @@ def estimate(model, batch: int, prompt_len: int, new_tokens: int, measured_token
     where = placement.gpu_map(model)
     weights = placement.bytes_per_device(model, where)
     context = prompt_len + new_tokens // 2
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = dtype_name(next(model.parameters()).dtype)
     kv_per_layer = memory.estimate(model.config, dtype, batch, context).kv_per_layer  # the planner's rule
     kv = defaultdict(int)
     for layer, device in enumerate(placement.layer_devices(model, where)):
