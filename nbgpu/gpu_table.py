@@ -76,7 +76,7 @@ class GPUTable:
         lines = [self._title()]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-        lines.append(repr(self.visibility).splitlines()[0])
+        lines.append(self.visibility.header())
         if self.visibility.note:
             lines.append(self.visibility.note)
         return "\n".join(lines)
@@ -96,7 +96,7 @@ class GPUTable:
         badge = ("<span style='background:#f59e0b;color:white;padding:1px 6px;border-radius:3px'>SIMULATED</span> "
                  if sim else "")
         vis = self.visibility
-        foot = escape(vis._header())
+        foot = escape(vis.header())
         if vis.note:
             foot += f"<br><span style='color:#b45309'>{escape(vis.note)}</span>"
         return (f"<div>{badge}<b>{escape(self._title())}</b>"

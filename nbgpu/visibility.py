@@ -177,13 +177,14 @@ class Visibility:
             out.append("no GPU is visible to this kernel")
         return out
 
-    def _header(self) -> str:
+    def header(self) -> str:
+        """The settings behind the mapping: CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER (simulated ones marked)."""
         env = "unset (all GPUs)" if self.visible_devices is None else repr(self.visible_devices)
         sim = "[simulated] " if self.simulated else ""
         return f"{sim}CUDA_VISIBLE_DEVICES={env}, CUDA_DEVICE_ORDER={self.device_order or 'unset (FASTEST_FIRST)'}"
 
     def __repr__(self) -> str:
-        body = [self._header(), *("  " + line for line in self.lines())]
+        body = [self.header(), *("  " + line for line in self.lines())]
         if self.note:
             body.append(self.note)
         return "\n".join(body)
@@ -192,7 +193,7 @@ class Visibility:
         sim = "<b style='color:#b45309'>SIMULATED GPUs</b> &middot; " if self.simulated else ""
         items = "".join(f"<li><code>{escape(line)}</code></li>" for line in self.lines())
         note = f"<div style='color:#b45309'>{escape(self.note)}</div>" if self.note else ""
-        return f"<div>{sim}<code>{escape(self._header())}</code><ul>{items}</ul>{note}</div>"
+        return f"<div>{sim}<code>{escape(self.header())}</code><ul>{items}</ul>{note}</div>"
 
 
 def _order_note(order: str | None, targets) -> str | None:
