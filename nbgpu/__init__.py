@@ -50,9 +50,20 @@ def simulate(spec: str | None = "4x24GiB") -> GPUTable:
 
 def load_ipython_extension(ipython):
     from .magics import register
+    from .views.registry import register as register_views
 
     register(ipython)
+    register_views(ipython)
 
 
 __all__ = ["BenchResult", "GPUTable", "Monitor", "Plan", "UsageError", "Visibility", "bench", "compare",
            "cuda_driver_initialized", "format_size", "gpus", "load", "monitor", "parse_size", "plan", "simulate", "use"]
+
+
+def _register_views():
+    from .views.registry import register_if_running
+
+    register_if_running()
+
+
+_register_views()
