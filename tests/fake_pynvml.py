@@ -2,16 +2,27 @@
 so the NVML adapter's translation and failure handling can be tested without a GPU.
 
 Each fake GPU is a dict of field values; `fail[(index, function_name)] = ErrorClass` makes that call raise.
+Topology: each FakeGPU lists its NVLinks (what each one reaches), and `make(ancestors=..., p2p=...)` gives the PCIe
+common ancestor and the peer-to-peer status per pair; without `ancestors` the topology calls answer Not Supported.
 """
 
 from __future__ import annotations
 
+import ctypes
 import types
 from dataclasses import dataclass, field
 
 NVML_TEMPERATURE_GPU = 0
 NVML_CLOCK_MEM = 2
 GiB = 1024**3
+# the values of nvidia-ml-py 13.x (pynvml.py), including its NVML_P2P_CAPS_INDEX_READ = 0, (a tuple)
+TOPOLOGY = dict(NVML_TOPOLOGY_INTERNAL=0, NVML_TOPOLOGY_SINGLE=10, NVML_TOPOLOGY_MULTIPLE=20,
+                NVML_TOPOLOGY_HOSTBRIDGE=30, NVML_TOPOLOGY_NODE=40, NVML_TOPOLOGY_SYSTEM=50,
+                NVML_P2P_CAPS_INDEX_READ=(0,), NVML_P2P_CAPS_INDEX_WRITE=1, NVML_P2P_STATUS_OK=0,
+                NVML_P2P_STATUS_IOH_TOPOLOGY_NOT_SUPPORTED=3, NVML_P2P_STATUS_GPU_NOT_SUPPORTED=2,
+                NVML_NVLINK_MAX_LINKS=36, NVML_FEATURE_ENABLED=1, NVML_FEATURE_DISABLED=0,
+                NVML_NVLINK_DEVICE_TYPE_GPU=0, NVML_NVLINK_DEVICE_TYPE_SWITCH=2, NVML_NVLINK_VERSION_4_0=6)
+GPU_LINK, SWITCH_LINK = 0, 2  # NVML_NVLINK_DEVICE_TYPE_*
 
 
 class NVMLError(Exception):
@@ -35,6 +46,10 @@ class NVMLError_GpuIsLost(NVMLError):
     """GPU is lost"""
 
 
+class NVMLError_InvalidArgument(NVMLError):
+    """Invalid Argument"""
+
+
 @dataclass
 class FakeGPU:
     uuid: str
@@ -54,19 +69,31 @@ class FakeGPU:
     bus_width: int = 5120
     compute: list = field(default_factory=list)  # [(pid, bytes)]
     graphics: list = field(default_factory=list)
+    # per NVLink number: None (down) or (remote bus id, GPU_LINK or SWITCH_LINK); [] = no NVLink (Not Supported)
+    nvlinks: list = field(default_factory=list)
+    nvlink_version: int = 6  # NVML_NVLINK_VERSION_4_0
+    pcie_gen: int = 4
+    pcie_width: int = 16
+    numa: int = 0
+    cpus: tuple = tuple(range(16))
 
 
 def make(gpus: list[FakeGPU], fail: dict | None = None, init_error: type | None = None,
-         names: dict[int, str] | None = None) -> types.ModuleType:
-    """A module object that behaves like pynvml over the given fake GPUs."""
+         names: dict[int, str] | None = None, ancestors: dict | None = None,
+         p2p: dict | None = None) -> types.ModuleType:
+    """A module object that behaves like pynvml over the given fake GPUs.
+
+    ancestors: {(i, j): NVML_TOPOLOGY_* level} per pair (either order); p2p: {(i, j): status} for both read and
+    write, or {(i, j, "read"): status}; pairs not given are NVML_P2P_STATUS_OK."""
     fail = fail if fail is not None else {}
     names = names or {}
+    p2p = p2p or {}
     mod = types.ModuleType("pynvml")
     mod.__dict__.update(
         NVML_TEMPERATURE_GPU=NVML_TEMPERATURE_GPU, NVML_CLOCK_MEM=NVML_CLOCK_MEM, NVMLError=NVMLError,
         NVMLError_LibraryNotFound=NVMLError_LibraryNotFound, NVMLError_NotSupported=NVMLError_NotSupported,
         NVMLError_NoPermission=NVMLError_NoPermission, NVMLError_GpuIsLost=NVMLError_GpuIsLost,
-        gpus=gpus, fail=fail, calls=[],
+        NVMLError_InvalidArgument=NVMLError_InvalidArgument, gpus=gpus, fail=fail, calls=[], **TOPOLOGY,
     )
 
     def api(name, fn):
@@ -112,7 +139,56 @@ def make(gpus: list[FakeGPU], fail: dict | None = None, init_error: type | None 
     api("nvmlDeviceGetGraphicsRunningProcesses", lambda h: [proc(p, m) for p, m in gpus[h].graphics])
     api("nvmlSystemGetProcessName", lambda pid: names.get(pid, f"/usr/bin/proc{pid}").encode())
     api("nvmlDeviceGetMaxMigDeviceCount", lambda h: 0)
+
+    def link(h, n):
+        links = gpus[h].nvlinks
+        if not links:
+            raise NVMLError_NotSupported()
+        if n >= len(links):
+            raise NVMLError_InvalidArgument()
+        return links[n]
+
+    def remote(h, n):
+        bus = link(h, n)[0]
+        if bus.startswith("0000:"):  # a 4-digit domain: only the legacy field is filled, as older drivers do
+            return types.SimpleNamespace(busId=b"", busIdLegacy=bus.encode())
+        return types.SimpleNamespace(busId=bus.encode(), busIdLegacy=b"")
+
+    def ancestor(a, b):
+        if ancestors is None:
+            raise NVMLError_NotSupported()
+        return ancestors[(a, b)] if (a, b) in ancestors else ancestors[(b, a)]
+
+    def p2p_status(a, b, index):
+        if not isinstance(index, int):  # what ctypes does with a tuple argument
+            raise ctypes.ArgumentError("argument 3: TypeError: Don't know how to convert parameter 3")
+        kind = {0: "read", 1: "write"}[index]
+        for key in ((a, b, kind), (b, a, kind), (a, b), (b, a)):
+            if key in p2p:
+                return p2p[key]
+        return 0
+
+    def affinity(h, words):
+        mask = [0] * words
+        for cpu in gpus[h].cpus:
+            mask[cpu // 64] |= 1 << (cpu % 64)
+        return mask
+
+    api("nvmlDeviceGetNvLinkState", lambda h, n: int(link(h, n) is not None))
+    api("nvmlDeviceGetNvLinkRemotePciInfo", remote)
+    api("nvmlDeviceGetNvLinkRemoteDeviceType", lambda h, n: link(h, n)[1])
+    api("nvmlDeviceGetNvLinkVersion", lambda h, n: link(h, n) and gpus[h].nvlink_version)
+    api("nvmlDeviceGetTopologyCommonAncestor", ancestor)
+    api("nvmlDeviceGetP2PStatus", p2p_status)
+    api("nvmlDeviceGetMaxPcieLinkGeneration", lambda h: gpus[h].pcie_gen)
+    api("nvmlDeviceGetMaxPcieLinkWidth", lambda h: gpus[h].pcie_width)
+    api("nvmlDeviceGetCpuAffinity", affinity)
+    api("nvmlDeviceGetNumaNodeId", lambda h: gpus[h].numa)
     return mod
+
+
+def bus(i: int) -> str:
+    return f"00000000:{0x18 + i:02X}:00.0"
 
 
 def uuid(i: int) -> str:

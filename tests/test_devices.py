@@ -12,7 +12,7 @@ from fake_pynvml import (
 import nbgpu
 from nbgpu import devices
 from nbgpu.devices import specs
-from nbgpu.devices.simulated import SimulateSpecError, parse_simulate_spec
+from nbgpu.devices.simulated import CONTEXT_BYTES, SimulateSpecError, parse_simulate_spec
 from nbgpu.errors import UsageError
 
 
@@ -118,6 +118,8 @@ def test_handles_are_cached_between_reads(fake_nvml):
     ("8xT4", [16 * GiB] * 8),
     ("24GiB,80GiB", [24 * GiB, 80 * GiB]),
     ("2x a100, 1xL4", [80 * GiB, 80 * GiB, 24 * GiB]),
+    ("4xL4:pcie", [24 * GiB] * 4),
+    ("2xH100:nvlink, 2xH100:PCIe,24GiB:sys", [80 * GiB] * 4 + [24 * GiB]),
 ])
 def test_simulate_spec_forms(spec, expected):
     assert [m for _, m, _ in parse_simulate_spec(spec)] == expected
@@ -150,9 +152,65 @@ def test_simulated_gpus_are_labelled_and_follow_placed_memory():
     table = nbgpu.gpus()
     assert "SIMULATED" in repr(table) and "SIMULATED" in table._repr_html_()
     sim.release()
-    assert devices.read()[1].memory_used == 0
+    after = devices.read()[1]  # what was placed is freed; the CUDA context stays until the process ends
+    assert after.memory_used == CONTEXT_BYTES and after.processes[0].used_memory == CONTEXT_BYTES
+    assert devices.read()[0].memory_used == 0  # a GPU this process never used has no context
     nbgpu.simulate("off")
     assert devices.simulated() is None
+
+
+def test_a_new_simulated_machine_starts_without_contexts():
+    nbgpu.simulate("2xL4")
+    devices.simulated().allocate(0, GiB)
+    nbgpu.simulate("2xL4")
+    assert [g.memory_used for g in devices.read()] == [0, 0]
+
+
+# the datasheets' figures, written out here rather than read from the specs table
+@pytest.mark.parametrize("spec, limit, bandwidth, bf16", [
+    ("L4", 72, 300e9, 121e12), ("H100", 700, 3.35e12, 989e12), ("A100-80GB", 400, 2.039e12, 312e12),
+    ("T4", 70, 320e9, None), ("L40S", 350, 864e9, 362e12),
+])
+def test_simulated_gpus_carry_their_models_figures(spec, limit, bandwidth, bf16):
+    nbgpu.simulate(f"2x{spec}")
+    sim = devices.simulated()
+    idle = sim.spec(0).idle_power
+    assert 0 < idle < limit / 4
+    sim.set_utilization(1, 100)
+    g0, g1 = devices.read()
+    assert (g0.power_limit, g0.power_draw) == (limit, idle)
+    assert g1.power_draw == limit  # full load reaches the limit and never goes past it
+    assert g0.memory_bandwidth == pytest.approx(bandwidth)
+    assert g0.bf16_flops == (None if bf16 is None else pytest.approx(bf16))
+    sim.set_utilization(1, 50)
+    assert devices.read()[1].power_draw == pytest.approx(idle + (limit - idle) / 2)
+    sim.set_utilization(1, 150)  # a bad reading never draws more than the limit
+    assert devices.read()[1].power_draw == limit
+
+
+def test_l4_power_follows_utilisation_between_idle_and_72_watts():
+    nbgpu.simulate(devices.DEFAULT_SPEC)
+    sim = devices.simulated()
+    assert devices.DEFAULT_SPEC == "4xL4" and len(sim) == 4
+    for util, watts in ((0, 16), (25, 30), (100, 72)):  # 16 W idle + 56 W x share
+        sim.set_utilization(2, util)
+        assert devices.read()[2].power_draw == pytest.approx(watts)
+    assert "16 / 72 W" in repr(nbgpu.gpus())
+
+
+def test_a_gpu_given_only_by_size_has_no_model_figures_and_says_so():
+    nbgpu.simulate("2x24GiB")
+    devices.simulated().set_utilization(0, 100)
+    g = devices.read()[0]
+    assert (g.power_draw, g.power_limit, g.memory_bandwidth, g.bf16_flops, g.compute_capability) == (None,) * 5
+    assert "no model figures" in g.errors["power_draw"] and "name a model" in g.errors["memory_bandwidth"]
+    assert nbgpu.gpus().rows()[0][8] == "n/a"
+
+
+def test_nvml_gpus_get_bf16_from_the_specs_table(fake_nvml):
+    fake_nvml(two_gpus())
+    a, b = devices.read().gpus
+    assert a.bf16_flops == pytest.approx(312e12) and b.bf16_flops == pytest.approx(989e12)
 
 
 def test_spec_table_matches_nvml_names():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .model import GPU, GPUProcess, Inventory, MIGDevice
 from .nvml import NVMLReader
-from .simulated import SimulatedGPUs, SimulateSpecError, parse_simulate_spec
+from .simulated import DEFAULT_SPEC, SimulatedGPUs, SimulateSpecError, parse_simulate_spec
+from .topology import GPUInterconnect, Link, Topology
 
 _nvml = NVMLReader()
 _simulated: SimulatedGPUs | None = None
@@ -15,13 +16,20 @@ def read() -> Inventory:
     return _simulated.read() if _simulated is not None else _nvml.read()
 
 
+def topology() -> Topology:
+    """The links between the GPUs (as `nvidia-smi topo -m`), from the simulated set when one is active, else from
+    NVML. Read on first use and kept: links do not change while the process runs."""
+    return _simulated.topology() if _simulated is not None else _nvml.topology()
+
+
 def simulated() -> SimulatedGPUs | None:
     """The active simulated GPUs, or None when the inventory comes from NVML."""
     return _simulated
 
 
 def simulate(spec: str | None) -> SimulatedGPUs | None:
-    """Replace the inventory with simulated GPUs ('4x24GiB', '2xA100-80GB', ...); None or 'off' returns to NVML."""
+    """Replace the inventory with simulated GPUs ('4xL4', '2xA100-80GB:nvlink', '4x24GiB', ...; the grammar is in
+    simulated.py); None or 'off' returns to NVML."""
     global _simulated
     if spec is None or spec.strip().lower() == "off":
         _simulated = None
@@ -31,5 +39,6 @@ def simulate(spec: str | None) -> SimulatedGPUs | None:
     return new
 
 
-__all__ = ["GPU", "GPUProcess", "Inventory", "MIGDevice", "NVMLReader", "SimulatedGPUs", "SimulateSpecError",
-           "parse_simulate_spec", "read", "simulate", "simulated"]
+__all__ = ["DEFAULT_SPEC", "GPU", "GPUInterconnect", "GPUProcess", "Inventory", "Link", "MIGDevice", "NVMLReader",
+           "SimulateSpecError", "SimulatedGPUs", "Topology", "parse_simulate_spec", "read", "simulate", "simulated",
+           "topology"]

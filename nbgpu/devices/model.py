@@ -39,6 +39,7 @@ class GPU:
     processes: tuple[GPUProcess, ...] | None = ()  # None: the process list is not available
     mig_devices: tuple[MIGDevice, ...] = ()
     memory_bandwidth: float | None = None  # bytes/s, peak, where known (NVML clocks or the specs table)
+    bf16_flops: float | None = None  # FLOP/s, dense tensor-core peak, where the model is in the specs table
     simulated: bool = False
     errors: dict[str, str] = field(default_factory=dict, compare=False)  # field -> why it is n/a
 

@@ -2,7 +2,8 @@
 
 Every field is read on its own: an NVML error for one field (NotSupported, NoPermission, GPU lost, ...)
 makes that field None and is noted in `GPU.errors`; the rest of the reading goes on.
-Handles are looked up once and cached, so a poll costs only the field queries.
+Handles are looked up once and cached, so a poll costs only the field queries. The links between GPUs
+(`topology()`) are read only when asked for, and once: they do not change while the process runs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from . import specs
 from .model import GPU, GPUProcess, Inventory, MIGDevice
+from .simulated import DEFAULT_SPEC
 
 _MW = 1000.0
 
@@ -29,6 +31,7 @@ class NVMLReader:
         self._nvml = None
         self._handles: list[Any] = []
         self._static: dict[int, dict[str, Any]] = {}  # fields that do not change while the process runs
+        self._topology = None
         self.message: str | None = None
 
     def _start(self) -> bool:
@@ -44,7 +47,7 @@ class NVMLReader:
             pynvml.nvmlInit()
         except pynvml.NVMLError as err:
             self.message = f"NVML is not available ({_text(err)}): no NVIDIA driver on this machine. " \
-                           "Use `%gpus --simulate 4x24GiB` for simulated GPUs."
+                           f"Use `%gpus --simulate {DEFAULT_SPEC}` for simulated GPUs."
             return False
         try:
             count = pynvml.nvmlDeviceGetCount()
@@ -72,6 +75,18 @@ class NVMLReader:
             return Inventory(gpus=gpus, backend="nvml", driver_version=driver, cuda_driver_version=cuda,
                              message=self.message)
 
+    def topology(self):
+        """The links between the GPUs (nvidia-smi topo -m), read on first use and kept."""
+        from . import nvml_topology
+        from .topology import Topology
+
+        with self._lock:
+            if self._topology is None:
+                if not self._start():
+                    return Topology(gpus=(), links=(), backend="nvml", message=self.message)
+                self._topology = nvml_topology.read(self._nvml, self._handles)
+            return self._topology
+
     def _get(self, errors: dict[str, str], name: str, call: Callable[[], Any]) -> Any:
         try:
             return call()
@@ -86,12 +101,14 @@ class NVMLReader:
         local: dict[str, str] = {}
         cc = get(local, "compute_capability", lambda: tuple(nv.nvmlDeviceGetCudaComputeCapability(h)))
         name = get(local, "name", lambda: _text(nv.nvmlDeviceGetName(h)))
+        known = specs.match_name(name)
         fields = dict(
             uuid=get(local, "uuid", lambda: _text(nv.nvmlDeviceGetUUID(h))),
             name=name,
             pci_bus_id=get(local, "pci_bus_id", lambda: _text(nv.nvmlDeviceGetPciInfo(h).busId)),
             compute_capability=cc,
             memory_bandwidth=self._bandwidth(h, name),
+            bf16_flops=known.bf16_flops if known else None,
         )
         errors.update(local)
         if not local:  # cache only a clean reading: a field that failed may answer next time
