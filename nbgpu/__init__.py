@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from .devices import DEFAULT_SPEC, topology
 from .devices import simulate as _simulate_backend
 from .errors import UsageError
 from .gpu_table import GPUTable, gpus
@@ -41,9 +42,10 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-def simulate(spec: str | None = "4x24GiB") -> GPUTable:
-    """Replace the inventory with simulated GPUs ('4x24GiB', '2xA100-80GB', 'H100', '8xT4', '24GiB,80GiB');
-    `simulate("off")` returns to the real GPUs through NVML. Returns the new GPU table."""
+def simulate(spec: str | None = DEFAULT_SPEC) -> GPUTable:
+    """Replace the inventory with simulated GPUs ('4xL4' by default, '2xA100-80GB:nvlink', '2xL4:pcie', 'H100',
+    '4x24GiB', '24GiB,80GiB'; grammar in nbgpu.devices.simulated); `simulate("off")` returns to the real GPUs through
+    NVML. Returns the new GPU table."""
     _simulate_backend(spec)
     return gpus()
 
@@ -57,7 +59,8 @@ def load_ipython_extension(ipython):
 
 
 __all__ = ["BenchResult", "GPUTable", "Monitor", "Plan", "UsageError", "Visibility", "bench", "compare",
-           "cuda_driver_initialized", "format_size", "gpus", "load", "monitor", "parse_size", "plan", "simulate", "use"]
+           "cuda_driver_initialized", "format_size", "gpus", "load", "monitor", "parse_size", "plan", "simulate",
+           "topology", "use"]
 
 
 def _register_views():

@@ -3,7 +3,8 @@
     %gpus                                   the GPU table
     %gpus 2,3 | GPU-<uuid>,... | MIG-<uuid> | none | all
     %gpus --auto 2 [--min-free 20GiB] [--max-util 10]
-    %gpus --simulate 4x24GiB | off
+    %gpus --simulate 4x24GiB | 4xL4 | 2xA100-80GB:nvlink | off
+    %gpus --topo                            the links between GPUs, as `nvidia-smi topo -m`
     %gpu_monitor [--interval 1] [--history 300] [--temperature] [--power] | stop
 """
 
@@ -32,20 +33,26 @@ def _gpus_parser() -> _Parser:
     p.add_argument("--auto", type=int, metavar="N", help="the N least-loaded GPUs that meet the limits")
     p.add_argument("--min-free", metavar="SIZE", help="with --auto: at least this much free memory (20GiB)")
     p.add_argument("--max-util", type=float, metavar="PCT", help="with --auto: at most this utilisation (%%)")
-    p.add_argument("--simulate", metavar="SPEC", help="4x24GiB, 2xA100-80GB, H100, 8xT4, 24GiB,80GiB, or off")
+    p.add_argument("--simulate", metavar="SPEC", help="4xL4, 2xA100-80GB:nvlink, 2xL4:pcie, 4x24GiB, 24GiB,80GiB, "
+                                                      "or off")
+    p.add_argument("--topo", action="store_true", help="the links between GPUs, as `nvidia-smi topo -m`")
     return p
 
 
 def gpus_magic(line: str):
-    """What `%gpus LINE` returns: the GPU table, or the new cuda:N mapping."""
+    """What `%gpus LINE` returns: the GPU table, the links between GPUs (--topo), or the new cuda:N mapping."""
     args = _gpus_parser().parse_args(shlex.split(line))
+    if args.topo and (args.selection is not None or args.auto is not None):
+        raise UsageError("--topo shows the links between GPUs; choose GPUs in a second `%gpus` call")
     if args.simulate is not None:
         if args.selection is not None or args.auto is not None:
             raise UsageError("--simulate replaces the inventory; choose GPUs in a second `%gpus` call")
         devices.simulate(args.simulate)
-        return gpu_table.gpus()
+        return devices.topology() if args.topo else gpu_table.gpus()
     if (args.min_free is not None or args.max_util is not None) and args.auto is None:
         raise UsageError("--min-free and --max-util go with --auto N, e.g. `%gpus --auto 2 --min-free 20GiB`")
+    if args.topo:
+        return devices.topology()
     if args.selection is None and args.auto is None:
         return gpu_table.gpus()
     return visibility.use(args.selection, auto=args.auto, min_free=args.min_free, max_util=args.max_util)

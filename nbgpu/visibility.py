@@ -7,14 +7,16 @@ No torch import here: the check asks libcuda directly, and only if the process h
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from html import escape
+from itertools import combinations
 
 from . import devices
-from .devices import GPU, Inventory
+from .devices import GPU, Inventory, Topology
 from .errors import UsageError
 from .units import format_size, parse_size
 
@@ -161,6 +163,7 @@ class Visibility:
     simulated: bool
     cuda_started: bool
     note: str | None = None
+    links: str | None = None  # for a choice made by --auto: the links between the chosen GPUs
 
     def alias(self, gpu_index: int) -> str | None:
         """'cuda:N' for a physical GPU index this process sees, else None."""
@@ -185,6 +188,8 @@ class Visibility:
 
     def __repr__(self) -> str:
         body = [self.header(), *("  " + line for line in self.lines())]
+        if self.links:
+            body.append(f"links: {self.links}")
         if self.note:
             body.append(self.note)
         return "\n".join(body)
@@ -193,7 +198,8 @@ class Visibility:
         sim = "<b style='color:#b45309'>SIMULATED GPUs</b> &middot; " if self.simulated else ""
         items = "".join(f"<li><code>{escape(line)}</code></li>" for line in self.lines())
         note = f"<div style='color:#b45309'>{escape(self.note)}</div>" if self.note else ""
-        return f"<div>{sim}<code>{escape(self.header())}</code><ul>{items}</ul>{note}</div>"
+        links = f"<div>links: {escape(self.links)}</div>" if self.links else ""
+        return f"<div>{sim}<code>{escape(self.header())}</code><ul>{items}</ul>{links}{note}</div>"
 
 
 def _order_note(order: str | None, targets) -> str | None:
@@ -226,8 +232,10 @@ def current(inv: Inventory | None = None) -> Visibility:
 # --- choosing GPUs ------------------------------------------------------------------------------------
 
 def auto_select(inv: Inventory, count: int, min_free: str | int | None = None,
-                max_util: float | None = None) -> list[Target]:
-    """The `count` least-loaded GPUs (most free memory, then least utilised) that meet the limits."""
+                max_util: float | None = None, topology: Topology | None = None) -> list[Target]:
+    """The `count` GPUs that meet the limits: with a topology, the set with the best links (all NVLink, then one
+    PCIe switch, several switches, the host bridge, across CPU sockets), then the most free memory; without one
+    (or where NVML cannot say), the least loaded (most free memory, then least utilised)."""
     if count < 1:
         raise UsageError(f"--auto needs a number of GPUs of at least 1, not {count}")
     floor = parse_size(min_free) if min_free is not None else 0
@@ -251,7 +259,39 @@ def auto_select(inv: Inventory, count: int, min_free: str | int | None = None,
         raise UsageError(f"asked for {count} GPU(s) with {limits_text}, but only {len(fits)} qualify ({detail}). "
                          "Ask for fewer GPUs or loosen --min-free / --max-util.")
     fits.sort(key=lambda gw: (-(gw[0].memory_free or 0), gw[0].utilization or 0, gw[0].index))
-    return [Target(str(g.index), g) for g, _ in fits[:count]]
+    chosen = _best_connected([g for g, _ in fits], count, topology) or [g for g, _ in fits[:count]]
+    return [Target(str(g.index), g) for g in chosen]
+
+
+_EXHAUSTIVE = 20_000  # sets of GPUs compared one by one; beyond this, a greedy choice per starting GPU
+
+
+def _best_connected(fits: list[GPU], count: int, topo: Topology | None) -> list[GPU] | None:
+    """The set whose weakest link is best, then with the most free memory; None where the links are not known."""
+    if count < 2 or topo is None or not topo.available or any(topo.gpu(g.index) is None for g in fits):
+        return None
+
+    def rank(a: GPU, b: GPU) -> int:
+        return topo.link(a.index, b.index).rank
+
+    def key(group) -> tuple:
+        worst = max(rank(a, b) for a, b in combinations(group, 2))
+        return (worst, -sum(g.memory_free or 0 for g in group), sum(g.utilization or 0 for g in group),
+                sorted(g.index for g in group))
+
+    if math.comb(len(fits), count) <= _EXHAUSTIVE:
+        candidates = combinations(fits, count)
+    else:
+        candidates = []
+        for seed in fits:
+            group = [seed]
+            while len(group) < count:
+                rest = [g for g in fits if g.index not in {m.index for m in group}]
+                group.append(min(rest, key=lambda g: (max(rank(g, m) for m in group), -(g.memory_free or 0),
+                                                      g.utilization or 0, g.index)))
+            candidates.append(group)
+    best = {g.index for g in min(candidates, key=key)}
+    return [g for g in fits if g.index in best]  # in the least-loaded order, as without a topology
 
 
 def use(selection: str | int | list | tuple | None = None, *, auto: int | None = None,
@@ -266,12 +306,14 @@ def use(selection: str | int | list | tuple | None = None, *, auto: int | None =
         raise UsageError(inv.message)
     if (selection is None) == (auto is None):
         raise UsageError("give either GPUs to use (e.g. '2,3', 'none') or auto=N, not both or neither")
-    targets = auto_select(inv, auto, min_free, max_util) if auto is not None else resolve(selection, inv)
+    topo = devices.topology() if auto is not None and auto > 1 else None
+    targets = auto_select(inv, auto, min_free, max_util, topo) if auto is not None else resolve(selection, inv)
+    links = topo.describe([t.gpu.index for t in targets]) if topo is not None and topo.available else None
     value = ",".join(t.token for t in targets)
     sim = devices.simulated()
     if sim is not None:
         sim.visible = value
-        return current(inv)
+        return replace(current(inv), links=links)
     now = current(inv)
     if now.cuda_started:
         same = [(t.gpu.index, t.mig_uuid) for t in targets] == [(t.gpu.index, t.mig_uuid) for t in now.targets]
@@ -286,4 +328,4 @@ def use(selection: str | int | list | tuple | None = None, *, auto: int | None =
         )
     os.environ[ORDER] = "PCI_BUS_ID"
     os.environ[VISIBLE] = value
-    return current(inv)
+    return replace(current(inv), links=links)

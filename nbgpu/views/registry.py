@@ -14,7 +14,9 @@ from __future__ import annotations
 import importlib
 
 # (type's module, type's name) -> "nbgpu.views.<module>:<function>"
-HTML: dict[tuple[str, str], str] = {}
+HTML: dict[tuple[str, str], str] = {
+    ("nbgpu.devices.topology", "Topology"): "nbgpu.views.topology_view:topology_html",
+}
 WIDGET: dict[tuple[str, str], str] = {}
 
 
