@@ -11,6 +11,7 @@ Every NVML error makes that one field None and is noted in `errors`; a GPU whose
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from collections.abc import Callable
@@ -62,7 +63,7 @@ class _Reader:
     def get(self, errors: dict[str, str], name: str, call: Callable[[], Any]) -> Any:
         try:
             return call()
-        except self.nv.NVMLError as err:
+        except (self.nv.NVMLError, ctypes.ArgumentError) as err:  # ArgumentError: a binding that ctypes refuses
             errors[name] = _text(err) or type(err).__name__
         except AttributeError:  # an older nvidia-ml-py without this function
             errors[name] = "not in this nvidia-ml-py version"
@@ -78,7 +79,7 @@ class _Reader:
                 remote = nv.nvmlDeviceGetNvLinkRemotePciInfo(h, link)
             except self.absent:
                 continue  # no such link on this GPU
-            except nv.NVMLError as err:
+            except (nv.NVMLError, ctypes.ArgumentError, AttributeError) as err:
                 errors["nvlink"] = f"link {link}: {_text(err) or type(err).__name__}"
                 return None
             bus = _bus_key(getattr(remote, "busId", None)) or _bus_key(getattr(remote, "busIdLegacy", None))

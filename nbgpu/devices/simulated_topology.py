@@ -1,6 +1,7 @@
 """The links of a simulated machine, from its spec's groups (see simulated.py for the grammar).
 
-Within a group, the group's link; between groups, SYS. Peer-to-peer works over NVLink and over PCIe paths that stay
+Within a group, the group's link (GPUs joined by NVLink sit on one PCIe host bridge underneath, PHB); between
+groups, SYS. Peer-to-peer works over NVLink and over PCIe paths that stay
 on one CPU socket, except on models whose driver refuses it (GeForce cards); across sockets (SYS) it does not, as
 NVML usually reports on such machines.
 """
