@@ -6,15 +6,13 @@ exactly `new_tokens` tokens per sequence (end-of-sequence is suppressed), greedi
 
 from __future__ import annotations
 
-import copy
 import statistics
-import time
 from dataclasses import dataclass, field
 
 from .. import devices
 from ..errors import UsageError
 from ..units import format_size
-from . import oom, placement, roofline, timeline
+from . import oom, placement, protocol, roofline, timeline
 from .load import SIMULATED_NOTE
 
 
@@ -121,36 +119,6 @@ class BenchResult:
         return bench_html(self)
 
 
-class _StepClock:
-    """A logits processor that notes the time each token's logits are ready, after synchronising the GPUs."""
-
-    def __init__(self, sync):
-        self.sync, self.times = sync, []
-
-    def __call__(self, input_ids, scores):
-        self.sync()
-        self.times.append(time.perf_counter())
-        return scores
-
-
-def _generation_config(model, new_tokens: int, compile: bool):
-    from transformers import GenerationConfig
-
-    base = getattr(model, "generation_config", None)
-    gen = copy.deepcopy(base) if base is not None else GenerationConfig()
-    eos = gen.eos_token_id if gen.eos_token_id is not None else getattr(model.config, "eos_token_id", None)
-    pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-    gen.update(do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
-               max_new_tokens=new_tokens, min_new_tokens=new_tokens, max_length=None,
-               pad_token_id=pad if pad is not None else 0, stop_strings=None)
-    if compile:
-        from transformers import CompileConfig
-
-        gen.cache_implementation = "static"
-        gen.compile_config = CompileConfig(mode="reduce-overhead", fullgraph=False)
-    return gen
-
-
 def _prompts(model, batch, prompt_len, tokenizer, prompt, seed):
     import torch
 
@@ -190,7 +158,6 @@ def bench(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 128, r
                              ("repeats", repeats, 1), ("warmup", warmup, 0)):
         if not isinstance(value, int) or value < low:
             raise UsageError(f"{name} must be a whole number of at least {low}, not {value!r}")
-    import torch
 
     sim = devices.simulated()
     simulated = sim is not None or bool(getattr(getattr(model, "nbgpu_load", None), "simulated", False))
@@ -203,33 +170,11 @@ def bench(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 128, r
     sync = placement.synchronizer(gpus)
     ids = _prompts(model, batch, prompt_len, tokenizer, prompt, seed)
     prompt_len = ids.shape[1]
-    gen = _generation_config(model, new_tokens, compile)
-    mask = torch.ones_like(ids)
+    gen = protocol.generation_config(model, new_tokens, compile)
     used = gpus or ["cpu"]
 
-    def one_run():
-        clock = _StepClock(sync)
-        sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen,
-                                 logits_processor=[clock])
-        sync()
-        made = out.shape[1] - prompt_len
-        del out
-        if made != new_tokens or len(clock.times) != new_tokens:
-            raise RuntimeError(f"generate made {made} tokens per sequence, not {new_tokens}")
-        return clock.times[0] - start, clock.times[-1] - clock.times[0], \
-            [b - a for a, b in zip(clock.times, clock.times[1:])]
-
     def measure():
-        for _ in range(warmup):
-            one_run()
-        for d in gpus:
-            torch.cuda.reset_peak_memory_stats(d)
-        runs = [one_run() for _ in range(repeats)]
-        peak = {d: torch.cuda.max_memory_allocated(d) for d in gpus}
-        return runs, peak
+        return protocol.measure(model, ids, gen, repeats=repeats, warmup=warmup, sync=sync, cuda_devices=gpus)
 
     _simulate_load(model, sim, busy=True)
     try:
@@ -242,8 +187,8 @@ def bench(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 128, r
         label=label or _label(model, compile, used, simulated),
         batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
         repeats=repeats, warmup=warmup, compiled=compile, simulated=simulated, devices=used,
-        ttft=[r[0] for r in runs], decode_seconds=[r[1] for r in runs],
-        step_latencies=[x for r in runs for x in r[2]], generated_tokens=batch * new_tokens, peak_memory=peak,
+        ttft=[r.ttft for r in runs], decode_seconds=[r.decode for r in runs],
+        step_latencies=[x for r in runs for x in r.steps], generated_tokens=batch * new_tokens, peak_memory=peak,
         timeline=steps,
     )
     if explain and on_gpus:
