@@ -135,7 +135,8 @@ class Estimates:
     kv_prompt: dict[int, int]  # layer -> KV bytes after the prefill
     hidden: int
     width: int  # MLP intermediate a token goes through (the MLP phase's width)
-    gated: bool  # gate and up projections (3 x width live at the MLP's peak) or a plain MLP (2 x)
+    mlp_widths: int  # how many intermediates are live at the MLP's peak: gate, up and product (3); a plain MLP 2,
+    # or 4 with GPT-2's tanh GELU written out in Python (0.5 x input and two temporaries beside its input)
     attention_width: int  # q + k + v + rotary temporaries + output, per token, in elements
     rope_width: int  # cos and sin per token, in elements
     score_bytes: int  # eager attention's score matrices at the prefill's peak (0 for sdpa/flash)
@@ -155,7 +156,7 @@ class Estimates:
         under tensor parallelism; the MLP and attention widths are split)."""
         b = dtype_bytes(self.dtype)
         stream = 2 * self.hidden + self.rope_width + (self.hidden if holds_embeddings else 0)
-        mlp = self.hidden + (3 if self.gated else 2) * self.width // tp
+        mlp = self.hidden + self.mlp_widths * self.width // tp
         attn = self.hidden + self.attention_width // tp
         return self.tokens * (stream + max(mlp, attn)) * b + self.score_bytes // tp
 
@@ -209,6 +210,15 @@ def _attention_width(cfg) -> tuple[int, int]:
     return q + kv + 2 * q + q, 2 * rope
 
 
+def mlp_widths(cfg, gated: bool) -> int:
+    """Intermediates live at once in the MLP: gate, up and their product; or the plain MLP's input and output of
+    its activation, four with a tanh GELU written out in Python (GPT-2's gelu_new)."""
+    if gated:
+        return 3
+    act = getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act", None)
+    return 4 if act == "gelu_new" else 2
+
+
 def estimate(config, dtype: str, workload: Workload, gated: bool = True) -> Estimates:
     cfg = text_config(config)
     b = dtype_bytes(dtype)
@@ -222,14 +232,14 @@ def estimate(config, dtype: str, workload: Workload, gated: bool = True) -> Esti
         scores = w.batch * heads * w.chunk * w.prompt_len * (2 * b + 4) + w.batch * w.chunk * w.prompt_len * b
     # generate keeps the last position: logits, their float32 copy and the processed scores
     logits = w.batch * cfg.vocab_size * (b + 4 + 4)
-    est = Estimates(w, dtype, kv_total, kv_prompt, cfg.hidden_size, intermediate(cfg), gated, attention_width,
-                    rope_width, scores, logits)
+    est = Estimates(w, dtype, kv_total, kv_prompt, cfg.hidden_size, intermediate(cfg), mlp_widths(cfg, gated),
+                    attention_width, rope_width, scores, logits)
     kv_rule = kv_bytes_per_token(cfg, dtype)[1]
     est.sources = {
         "weights": "exact: accelerate's module sizes",
         "KV cache": f"{kv_rule} x {b} bytes x {w.batch} x ({w.prompt_len} + {w.new_tokens}) tokens per layer",
         "activations": f"prefill of {w.batch} x {w.chunk} tokens: layer input, residual, rotary, embeddings' output, "
-                       f"then the larger of the MLP ({'3' if gated else '2'} x {est.width}) and attention "
+                       f"then the larger of the MLP ({est.mlp_widths} x {est.width}) and attention "
                        f"({w.attention}{', with the score matrix' if scores else ''}) phases; logits of the last "
                        "position in float32 (transformers' forward, checked against measured peaks)",
         "allocator": f"cuBLAS workspace and the allocator's slack ({CALIBRATION.slack_blocks:g} x the largest prefill "
