@@ -1,15 +1,18 @@
 """Plain-text explanations of a Plan: what each GPU holds, why each boundary sits where it does, what is over,
-how many GPUs of this size would fit, and a tensor-parallel size that would."""
+how many GPUs of this size would fit, a tensor-parallel size that would, and what each engine export needs."""
 
 from __future__ import annotations
 
+from ..errors import UsageError
 from ..units import format_size
-from . import memory, strategies
+from . import strategies, tp_sizes
+from .positions import beyond
 
 
 def explain(plan) -> str:
     lines = list(plan.summary_lines())
     lines.append("")
+    lines += positions_lines(plan)
     lines.append("Weights are exact sizes; KV cache, activations and context are estimates "
                  f"(KV: {_kv_rule(plan)}; context {format_size(plan.context)} per GPU in use).")
     lines += [f"Note: {n}" for n in plan.estimates.notes]
@@ -21,7 +24,50 @@ def explain(plan) -> str:
     lines += _offload(plan)
     lines.append(fewest_gpus_text(plan))
     lines.append(tensor_parallel_text(plan))
+    lines += exports_lines(plan)
     return "\n".join(lines)
+
+
+def positions_lines(plan) -> list[str]:
+    """A warning when seq_len is longer than the model's positions (as vLLM derives them)."""
+    pos = beyond(plan)
+    if pos is None:
+        return []
+    return [f"seq_len {plan.seq_len} exceeds the model's positions, {pos}: beyond them the model was not trained "
+            f"(RoPE gives garbage, learned positions have no entry); vLLM refuses --max-model-len above "
+            f"{pos.length}. Plan with seq_len <= {pos.length} (plan.with_batch(seq_len={pos.length})) to export."]
+
+
+def exports_lines(plan) -> list[str]:
+    """Per engine: what its export holds, or what it would need changed (the engine's own limit)."""
+    from .engines import ktransformers, mlc, openllm, vllm
+
+    def vllm_text(v):
+        a, pp = v["engine_args"], v["env"].get("VLLM_PP_LAYER_PARTITION")
+        return (f"--tensor-parallel-size {a['tensor_parallel_size']} --pipeline-parallel-size "
+                f"{a['pipeline_parallel_size']}{f' (VLLM_PP_LAYER_PARTITION={pp})' if pp else ''} "
+                f"--max-model-len {a['max_model_len']}")
+
+    def openllm_text(o):
+        (entry,) = o["recipe"].values()
+        res = entry["service_config"]["resources"]
+        return f"a recipe for {res['gpu']} x {res['gpu_type']}"
+
+    engines = [
+        ("vLLM", vllm.VERSION, lambda: vllm_text(vllm.vllm(plan))),
+        ("MLC-LLM", mlc.VERSION,
+         lambda: '--overrides "' + ";".join(f"{k}={v}" for k, v in mlc.mlc(plan)["overrides"].items()) + '"'),
+        ("KTransformers", ktransformers.VERSION,
+         lambda: f"optimize rules ({ktransformers.ktransformers_rules(plan).count('- match:')} rules)"),
+        ("OpenLLM", "vLLM 0.8.5 under BentoML", lambda: openllm_text(openllm.openllm(plan))),
+    ]
+    lines = ["Exports (each checked against its engine's own rules):"]
+    for name, version, summary in engines:
+        try:
+            lines.append(f"  {name}: {summary()}  [{version}]")
+        except UsageError as err:
+            lines.append(f"  {name}: not exported: {err}")
+    return lines
 
 
 def _kv_rule(plan) -> str:
@@ -104,19 +150,17 @@ def fewest_gpus_text(plan) -> str:
 
 
 def tensor_parallel(plan, limit: int = 64) -> int | None:
-    """The smallest tensor_parallel_size that divides the attention and KV head counts and fits each GPU like
-    cuda:0 (weights and KV cache split evenly, activations and context whole on each)."""
-    cfg = memory.text_config(plan.config)
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    """The smallest tensor_parallel_size vLLM accepts for this model (tp_sizes.why_not) that fits each GPU like
+    cuda:0 (weights split evenly, each GPU's share of the KV cache, activations and context whole on each)."""
     weights = sum(u.size for u in plan.units)
     kv = sum(plan.estimates.kv_per_layer.values())
     act = plan.estimates.layer_activations + plan.estimates.input_activations + plan.estimates.logits
     budget = plan.devices[0].budget
     for tp in range(1, limit + 1):
-        if heads % tp or kv_heads % tp:
+        if tp_sizes.why_not(plan.config, tp):
             continue
-        if weights / tp + kv / tp + act + plan.context <= budget:
+        heads = tp_sizes.split(plan.config, tp)
+        if weights / tp + kv * heads.kv_heads_per_gpu / heads.kv_heads + act + plan.context <= budget:
             return tp
     return None
 
@@ -124,8 +168,8 @@ def tensor_parallel(plan, limit: int = 64) -> int | None:
 def tensor_parallel_text(plan) -> str:
     tp = tensor_parallel(plan)
     if tp is None:
-        return "No tensor_parallel_size that divides the head counts fits on GPUs of this size."
+        return "No tensor_parallel_size that vLLM accepts for this model fits on GPUs of this size."
     have = len(plan.gpus)
     more = "" if tp <= have else f" (more than the {have} GPU(s) in this plan)"
-    return f"Tensor parallel: tensor_parallel_size={tp} is the smallest that divides the attention and KV head " \
-           f"counts and fits each GPU{more} (estimate)."
+    return f"Tensor parallel: tensor_parallel_size={tp} is the smallest that vLLM accepts for this model (attention " \
+           f"heads divide, KV heads divide or replicate, MLP widths divide) and that fits each GPU{more} (estimate)."

@@ -142,13 +142,11 @@ class Plan:
 
     @property
     def max_memory(self) -> dict:
-        """Room for weights per GPU (budget less cache, activations, context and others), plus the CPU."""
-        out = {d.cuda_index: max(0, d.budget - d.others - d.kv_cache - d.activations - d.context)
-               for d in self.devices}
-        for d in self.devices:  # never below what the plan already places there
-            out[d.cuda_index] = max(out[d.cuda_index], d.weights) if not d.over else d.weights
-        out["cpu"] = max(self.cpu_memory, self.cpu_weights)
-        return out
+        """Room for weights per GPU (budget less cache, activations, context and others), plus the CPU; refused
+        (UsageError, with what is missing) for a plan that does not fit."""
+        from .exports import max_memory
+
+        return max_memory(self)
 
     @property
     def fits(self) -> bool:
@@ -361,10 +359,10 @@ class Plan:
 
         return mlc(self)
 
-    def openllm(self) -> dict:
+    def openllm(self, gpu_type: str | None = None) -> dict:
         from .exports import openllm
 
-        return openllm(self)
+        return openllm(self, gpu_type)
 
     # --- display -----------------------------------------------------------------------------------------
     def summary_lines(self) -> list[str]:
