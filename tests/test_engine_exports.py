@@ -464,3 +464,28 @@ def test_explain_and_view_say_when_seq_len_exceeds_positions_and_what_each_expor
     assert "exceeds the model's positions" not in text and "exceeds the model's positions" not in status_html(ok)
     assert "vLLM: --tensor-parallel-size 1 --pipeline-parallel-size 2 (VLLM_PP_LAYER_PARTITION=3,3)" in text
     assert "KTransformers: optimize rules" in text and "OpenLLM: a recipe for 2 x nvidia-a100-80gb" in text
+
+
+@pytest.mark.parametrize("family,n_gpus", CASES)
+def test_device_map_covers_every_weight_as_accelerate_checks_it(family, n_gpus):
+    import warnings
+
+    from accelerate.utils import check_device_map
+
+    p = make_plan(family, n_gpus)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unknown module name is a warning there
+        check_device_map(p._meta.model, p.device_map)
+
+
+def test_ktransformers_deepseek_v3_gate_and_moe_operators():
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=32000, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=16, num_key_value_heads=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16, qk_nope_head_dim=32,
+        v_head_dim=32, n_group=1, topk_group=1)
+    injected = kt_check(nbgpu.plan(cfg, gpus="2xH100", strategy=[2, 2]))
+    assert injected["model.layers.3.mlp"]["class"].endswith("KDeepseekV3MoE")
+    assert injected["model.layers.3.mlp.gate"]["class"].endswith("KMoEGate")
+    assert injected["model.layers.3.mlp.gate"]["kwargs"]["generate_device"] == "cuda:1"
+    assert injected["model"]["kwargs"]["transfer_map"] == {2: "cuda:1"}

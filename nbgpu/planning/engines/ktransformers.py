@@ -128,9 +128,10 @@ def ktransformers_rules(plan) -> str:
                        + ", ".join(a for a, f in FAMILIES.items() if f.multi_gpu))
     layers = sorted(devices)
     norm_dev = plan._assignment.get(_norm_name(plan))
-    if family.multi_gpu and layers and norm_dev is not None and norm_dev != devices[layers[-1]]:
-        reasons.append(f"its model operator applies the final norm where the last layer ran (cuda:{devices[layers[-1]]}"
-                       f"), not on cuda:{norm_dev}: plan.move('{_norm_name(plan)}', {devices[layers[-1]]})")
+    last = devices[layers[-1]] if layers else None
+    if family.multi_gpu and isinstance(last, int) and isinstance(norm_dev, int) and norm_dev != last:
+        reasons.append(f"its model operator applies the final norm where the last layer ran (cuda:{last}), not on "
+                       f"cuda:{norm_dev}: plan.move('{_norm_name(plan)}', {last})")
     common.refuse(VERSION, reasons)
     rules = _rules(plan, family, devices)
     return "\n".join(_header(plan, arch, family)) + "\n" + yaml.safe_dump(rules, sort_keys=False)

@@ -76,6 +76,8 @@ def openllm(plan, gpu_type: str | None = None) -> dict:
         service["envs"] = envs
     entry = {"project": "vllm-chat", "service_config": service, "engine_config": dict(args), "alias": ["nbgpu"]}
     notes = [n for n in v["notes"] if not n.startswith("simulated GPUs")] + notes
+    notes.append("OpenLLM fetches engine_config.model from the Hugging Face Hub (bentoml.models.HuggingFaceModel): "
+                 "it must be a hub id")
     if args["pipeline_parallel_size"] > 1:
         notes.append("BentoML assigns the GPUs: the i-th it gives runs pipeline stage i")
     return {"recipe": {f"{name}:nbgpu": entry}, "notes": notes, "checked_against": VERSION}
