@@ -5,6 +5,7 @@ engine's limit named."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import pytest
@@ -72,10 +73,16 @@ def layer_counts(n_layers: int, n_gpus: int) -> list[int]:
     return base
 
 
-def make_plan(family: str, n_gpus: int, seq_len: int = 1024, **kw):
+@functools.cache
+def _planned(family: str, n_gpus: int, seq_len: int):
     cfg = CONFIGS[family]
     counts = layer_counts(cfg.num_hidden_layers, n_gpus)
-    return nbgpu.plan(cfg, gpus=GPU_SETS[n_gpus], batch=4, seq_len=seq_len, strategy=counts, **kw)
+    return nbgpu.plan(cfg, gpus=GPU_SETS[n_gpus], batch=4, seq_len=seq_len, strategy=counts)
+
+
+def make_plan(family: str, n_gpus: int, seq_len: int = 1024):
+    """A fresh copy of the plan (tests edit it); the model on the meta device is built once per case."""
+    return _planned(family, n_gpus, seq_len).copy()
 
 
 def stage_layers(plan) -> list[tuple[int, list[int]]]:
