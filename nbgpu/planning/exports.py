@@ -37,7 +37,8 @@ def to_dict(plan) -> dict:
         "gpus": [{"index": g.index, "name": g.name, "uuid": g.uuid, "memory_total": g.memory_total,
                   "memory_used": g.memory_used, "simulated": g.simulated} for g in plan.gpus],
         "device_map": plan.device_map if plan.parallel == "layers" else None,
-        "max_memory": {str(k): v for k, v in plan.max_memory.items()} if plan.parallel == "layers" else None,
+        "max_memory": {str(k): v for k, v in plan.max_memory.items()}
+        if plan.parallel == "layers" and plan.fits else None,
         "fits": plan.fits,
     }
 
