@@ -50,6 +50,13 @@ def _table(pairs) -> str:
                                for k, v in pairs) + "</table>"
 
 
+def _roofline_text(bound) -> str:
+    rate = "n/a (bandwidth unknown)" if bound.tokens_per_s is None else f"{bound.tokens_per_s:,.0f} tokens/s"
+    reached = "" if bound.fraction is None else f", reached {bound.fraction:.1%}"
+    sim = " for the simulated GPUs (the run was on the CPU)" if bound.simulated else ""
+    return f"{rate}{reached}{sim}; {bound.note}"
+
+
 def bench_html(result) -> str:
     from ..units import format_size
 
@@ -67,7 +74,7 @@ def bench_html(result) -> str:
         pairs.append(("peak memory (torch)",
                       ", ".join(f"cuda:{k} {format_size(v, 'auto')}" for k, v in result.peak_memory.items())))
     if result.roofline is not None:
-        pairs.append(("roofline (estimate)", repr(result.roofline).split(": ", 1)[1]))
+        pairs.append(("roofline (estimate)", _roofline_text(result.roofline)))
     if result.timeline is not None:
         busy = ", ".join(f"cuda:{k} {v:.0%}" for k, v in result.timeline.busy().items())
         pairs.append(("busy in one decode step", busy))
