@@ -63,7 +63,7 @@ def _wait_for_server(url: str, proc, timeout: float = 120) -> None:
 def lab(tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install -y chromium; see .ci/setup)")
-    pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (test extra)")
+    import playwright.sync_api  # noqa: F401 - the test extra holds it: a missing package is an error, not a skip
     work = tmp_path_factory.mktemp("lab")
     shutil.copytree(ROOT / "notebooks", work / "notebooks")
     settings = work / "settings"
@@ -162,9 +162,13 @@ def test_quickstart_runs_in_jupyterlab_and_draws_its_figures(lab):
             assert errors.count() == 0, errors.first.inner_text()
             assert tracebacks.count() == 0, tracebacks.first.inner_text()
 
-            # the GPU table says the GPUs are simulated
+            # the GPU table says the GPUs are simulated and highlights exactly the rows this kernel sees (a cuda:N)
             table = _output_of(page, re.compile(r"^\s*%gpus\s*$"))
             assert "SIMULATED" in table.inner_text()
+            rows = table.locator("tbody tr").evaluate_all(
+                "rows => rows.map(r => [r.cells[1].textContent.trim(), getComputedStyle(r).fontWeight])")
+            assert len(rows) == 4 and any(alias != "-" for alias, _ in rows)
+            assert all((alias != "-") == (weight == "600") for alias, weight in rows), rows
 
             # the plan's memory bars: one bar per chosen GPU for every memory segment
             bars = _figure(page, "Memory per GPU (simulated GPUs)")
@@ -174,6 +178,10 @@ def test_quickstart_runs_in_jupyterlab_and_draws_its_figures(lab):
             assert bar_traces >= 5  # weights, KV cache, activations, context, others ... free, over budget
             assert drawn == CHOSEN_GPUS * bar_traces
             assert bars.locator(".xtick text").count() == CHOSEN_GPUS
+            # the KV cache segment: Llama-3-8B's 32 layers x 8 KV heads x 128 dims x keys and values x 2 bytes,
+            # for 4 x 4096 tokens, is 2 GiB in all, shared by the two GPUs
+            kv = bars.evaluate("gd => Array.from(gd.data.find(t => t.name === 'KV cache').y)")
+            assert len(kv) == CHOSEN_GPUS and all(v > 0 for v in kv) and sum(kv) == pytest.approx(2.0)
 
             placement = _figure(page, "Placement along the depth")
             assert placement.locator(".bars .point path").count() > 30  # every module of the 8B model's depth
@@ -183,6 +191,16 @@ def test_quickstart_runs_in_jupyterlab_and_draws_its_figures(lab):
             monitor = _output_of(page, "monitor = nbgpu.monitor(")
             assert monitor.locator(".js-plotly-plot").count() >= 1
             assert "simulated" in monitor.inner_text().lower()
+            # memory over time plots the memory used (the bars' this kernel + other), not the 24 GiB total
+            plots = monitor.locator(".js-plotly-plot").evaluate_all(
+                "gds => gds.map(gd => gd.data.map(t => [t.name, t.yaxis || 'y', Array.from(t.x || []),"
+                " Array.from(t.y || [])]))")
+            bars = next(p for p in plots if [t[0] for t in p] == ["this kernel", "other processes + driver", "free"])
+            used = [a + b for a, b in zip(bars[0][2], bars[1][2])]
+            series = next(p for p in plots if p and p[0][0].startswith("GPU 0"))
+            last = [t[3][-1] for t in series if t[1] == "y"]  # the first subplot: memory
+            assert len(last) == len(used) == 4
+            assert last == pytest.approx(used, abs=0.01) and all(v < 23 for v in last), (last, used)
             compare = _output_of(page, "nbgpu.compare(")
             assert compare.locator(".js-plotly-plot .bars .point path").count() >= 2
             assert page.locator(".js-plotly-plot svg.main-svg").count() >= 6

@@ -102,6 +102,19 @@ def test_no_gpu(fake_nvml):
     assert "no NVIDIA GPU" in repr(nbgpu.gpus())
 
 
+def test_a_static_field_that_failed_is_read_again_and_then_kept(fake_nvml):
+    module = fake_nvml(two_gpus(), fail={(0, "nvmlDeviceGetUUID"): NVMLError_GpuIsLost})
+    first = devices.read().gpus[0]
+    assert first.uuid is None and "GPU is lost" in first.errors["uuid"]
+    assert first.name == "NVIDIA A100-SXM4-80GB"  # the other static fields were read
+    module.fail.clear()
+    second = devices.read().gpus[0]
+    assert second.uuid == uuid(0) and "uuid" not in second.errors
+    asked = module.calls.count("nvmlDeviceGetUUID")
+    assert devices.read().gpus[0].uuid == uuid(0)
+    assert module.calls.count("nvmlDeviceGetUUID") == asked  # a clean reading is kept
+
+
 def test_handles_are_cached_between_reads(fake_nvml):
     module = fake_nvml(two_gpus())
     devices.read()

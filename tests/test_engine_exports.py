@@ -9,6 +9,7 @@ import functools
 import re
 
 import pytest
+import transformers
 import yaml
 from engine_rules import (
     check_openllm_recipe,
@@ -29,8 +30,6 @@ from engine_rules import (
 import nbgpu
 from nbgpu.errors import UsageError
 from nbgpu.planning.plan import resolve_gpus
-
-transformers = pytest.importorskip("transformers")
 
 
 def family_configs():

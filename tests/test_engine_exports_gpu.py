@@ -34,9 +34,10 @@ def _save_word_tokenizer(transformers, path, vocab_size: int) -> None:
 
 
 def test_vllm_serves_the_exported_pipeline_split(tmp_path):
-    pytest.importorskip("vllm")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("vllm")  # optional: vLLM is not one of nbgpu's dependencies
+    import torch
+    import transformers
+
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=6,

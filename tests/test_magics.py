@@ -90,3 +90,29 @@ def test_gpu_monitor_magic_starts_and_stops():
     assert mon.running
     gpu_monitor_magic("stop")
     assert not mon.running
+
+
+def test_gpu_monitor_magic_passes_its_options_to_the_monitor():
+    from nbgpu.magics import gpu_monitor_magic
+
+    devices.simulate("2x24GiB")
+    mon = gpu_monitor_magic("--interval 0.25 --history 7 --temperature --power")
+    try:
+        assert (mon.interval, mon.history_length) == (0.25, 7)
+        assert mon.show == ("memory", "utilization", "temperature", "power")
+    finally:
+        mon.stop()
+    plain = gpu_monitor_magic("")
+    try:
+        assert (plain.interval, plain.history_length, plain.show) == (1.0, 300, ("memory", "utilization"))
+    finally:
+        plain.stop()
+
+
+def test_a_gpu_named_twice_in_the_magic_is_refused_not_merged():
+    devices.simulate("2x24GiB")
+    with pytest.raises(UsageError, match="GPU 1 is named twice in '1,1'"):
+        gpus_magic("1,1")
+    assert devices.simulated().visible is None  # nothing chosen
+    vis = gpus_magic("1,0")
+    assert [t.gpu.index for t in vis.targets] == [1, 0]  # the order given is the cuda order

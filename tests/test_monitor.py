@@ -291,8 +291,13 @@ def test_widget_draws_the_samples(sim):
     assert this_kernel.y == ("GPU 0 cuda:0 (simulated)", "GPU 1 cuda:1 (simulated)")
     assert this_kernel.x[0] == pytest.approx((2 * GiB + CONTEXT_BYTES) / GiB) and this_kernel.x[1] == 0
     assert free.x[1] == pytest.approx(24)
+    samples = m.samples
     assert len(view.series.data) == 3 * 2  # memory, utilisation, temperature for two GPUs
-    assert len(view.series.data[0].y) == len(m.samples)
+    for k in range(2):  # the memory used (not the total), the utilisation and the temperature of every sample
+        assert list(view.series.data[k].y) == pytest.approx([s.gpus[k].memory_used / GiB for s in samples])
+        assert list(view.series.data[2 + k].y) == [s.gpus[k].utilization for s in samples]
+        assert list(view.series.data[4 + k].y) == [s.gpus[k].temperature for s in samples]
+    assert view.series.data[0].y[-1] == pytest.approx((2 * GiB + CONTEXT_BYTES) / GiB)
     assert "SIMULATED" in view.header.value and "SIMULATED" in view.bars.layout.title.text
     assert "(this kernel)" in view.processes.value
     assert not m.errors
@@ -331,8 +336,9 @@ def test_importing_the_monitor_does_not_import_plotly_or_widgets():
 
 
 def test_in_a_kernel_the_widget_shows_and_other_cells_get_no_output_from_the_poller():
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    import nbclient
+    import nbformat
+
     cells = [
         "import threading, time, nbgpu\nnbgpu.simulate('2x24GiB')\n"
         "m = nbgpu.monitor(interval=0.1, temperature=True)\nm",

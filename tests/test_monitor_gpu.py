@@ -39,7 +39,8 @@ def smi(index: int, fields: str) -> tuple[subprocess.Popen, float]:
 
 
 def test_monitor_follows_a_matmul_loop_and_agrees_with_nvidia_smi():
-    torch = pytest.importorskip("torch")
+    import torch
+
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     devices.simulate(None)

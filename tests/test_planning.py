@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import transformers
 
 import nbgpu
 from nbgpu.errors import UsageError
 from nbgpu.units import GiB
-
-transformers = pytest.importorskip("transformers")
 
 
 def llama(layers=8, hidden=512, heads=8, kv_heads=2, vocab=32000, inter=1408):

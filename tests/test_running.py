@@ -1,20 +1,20 @@
 """nbgpu.load / bench / compare on the CPU with tiny random-weight models saved to a temp dir."""
 
 import gc
+import statistics
 import sys
 import time
 import weakref
 
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import nbgpu  # noqa: E402
-from nbgpu import devices  # noqa: E402
-from nbgpu.errors import UsageError  # noqa: E402
-from nbgpu.running import BenchResult, NotEnoughMemory, oom  # noqa: E402
-from nbgpu.units import GiB  # noqa: E402
+import nbgpu
+from nbgpu import devices
+from nbgpu.errors import UsageError
+from nbgpu.running import BenchResult, NotEnoughMemory, oom
+from nbgpu.units import GiB
 
 
 def _save(config, path):
@@ -84,10 +84,12 @@ def test_bench_fields_are_consistent_and_warmup_is_discarded(llama):
     assert max(result.ttft) < 1.0
     assert result.generated_tokens == 2 * 5
     assert len(result.step_latencies) == 3 * (5 - 1)
-    assert 0 < result.latency_p50_s <= result.latency_p90_s
-    assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
-    lo, hi = result.decode_spread
-    assert lo <= result.decode_tokens_per_s <= hi
+    # the figures come from the measured runs (their values by hand: test_bench_figures.py)
+    assert result.prefill_tokens_per_s == pytest.approx(2 * 12 / statistics.median(result.ttft))
+    rates = [2 * (5 - 1) / s for s in result.decode_seconds]
+    assert result.decode_tokens_per_s == pytest.approx(statistics.median(rates))
+    assert result.decode_spread == pytest.approx((min(rates), max(rates)))
+    assert sum(result.step_latencies) == pytest.approx(sum(result.decode_seconds))  # steps tile the decode time
     assert result.devices == ["cpu"] and not result.simulated
     assert "decode" in repr(result) and "<table>" in result._repr_html_()
 
@@ -168,13 +170,14 @@ def test_simulated_load_through_a_plan_runs_on_cpu_and_shows_the_memory_on_the_g
     result = nbgpu.bench(model, prompt_len=8, new_tokens=4, repeats=2)
     assert result.simulated and "simulated" in result.label
     assert "simulated — ran on CPU" in repr(result) and "SIMULATED" in result._repr_html_()
-    assert set(result.timeline.busy()) == {0, 1}
+    busy = result.timeline.busy()
+    # a layer split on one CPU: the two simulated GPUs take turns, so their busy fractions add up to at most 1
+    assert set(busy) == {0, 1} and all(0 < v <= 1 for v in busy.values()) and sum(busy.values()) <= 1 + 1e-9
     assert result.timeline.simulated and "simulated" in repr(result.timeline)
     bound = result.roofline
-    assert bound.fraction is None and bound.tokens_per_s > 0  # a bound for the simulated GPUs, no fraction
-    kv = 2 * 2 * 16 * (8 + 4 // 2) * 4  # kv_heads x head_dim x context x float32, keys and values, per layer
-    expected = sum((d.weights + 2 * kv) / d.gpu.memory_bandwidth for d in plan.devices)
-    assert bound.step_seconds == pytest.approx(expected)
+    # a bound for the simulated GPUs (its value by hand: test_bench_figures.py), no fraction for a run on the CPU
+    assert bound.fraction is None and [g.cuda_index for g in bound.gpus] == [0, 1]
+    assert [g.weights for g in bound.gpus] == [d.weights for d in plan.devices]
     assert "simulated" in repr(nbgpu.compare([result]))
     assert all(g.utilization == 0 for g in nbgpu.gpus().gpus)  # back to idle after the run
 

@@ -55,21 +55,22 @@ def test_use_accepts_uuids_lists_and_none(four_gpus):
     assert env()[0] == "" and vis.targets == () and "no GPU is visible" in repr(vis)
 
 
-@pytest.mark.parametrize("selection, message", [
-    ("7", "there is no GPU 7: this machine has 4"),
-    ("1,1", "named twice"),
-    ("GPU-1234", "is not a GPU UUID"),
-    ("GPU-00000000-0000-0000-0000-000000000000", "no GPU has the UUID"),
-    ("MIG-zz", "is not a MIG device UUID"),
-    ("fast", "cannot read 'fast'"),
-    ("1,,2", "empty GPU entry"),
+@pytest.mark.parametrize("selection, message, lists_choices", [
+    ("7", "there is no GPU 7: this machine has 4", True),
+    ("1,1", "named twice", False),
+    ("GPU-1234", "is not a GPU UUID", True),
+    ("GPU-00000000-0000-0000-0000-000000000000", "no GPU has the UUID", True),
+    ("MIG-zz", "is not a MIG device UUID", True),
+    ("fast", "cannot read 'fast'", True),
+    ("1,,2", "empty GPU entry", False),
 ])
-def test_bad_selection_is_refused_and_environment_untouched(four_gpus, selection, message):
+def test_bad_selection_is_refused_and_environment_untouched(four_gpus, selection, message, lists_choices):
     os.environ["CUDA_VISIBLE_DEVICES"] = "0"
     os.environ.pop("CUDA_DEVICE_ORDER", None)
     with pytest.raises(UsageError, match=message) as err:
         nbgpu.use(selection)
-    assert "Valid choices" in str(err.value) or "named twice" in message or "empty" in message
+    choices = f"Valid choices: 0 (NVIDIA A100-SXM4-80GB, {uuid(0)}), 1 (NVIDIA A100-SXM4-80GB, {uuid(1)})"
+    assert (choices in str(err.value)) == lists_choices
     assert env() == ("0", None)
 
 
@@ -99,7 +100,7 @@ def test_only_one_mig_device(fake_nvml):
     from nbgpu.devices import nvml as nvml_module
 
     mig = [f"MIG-{i:08x}-aaaa-bbbb-cccc-ddddeeeeffff" for i in range(2)]
-    module = fake_nvml([FakeGPU(uuid(0), mig=1), FakeGPU(uuid(1))])
+    fake_nvml([FakeGPU(uuid(0), mig=1), FakeGPU(uuid(1))])
     original = nvml_module.NVMLReader._mig_devices
     nvml_module.NVMLReader._mig_devices = lambda self, h: tuple(MIGDevice(u, 10 * GiB) for u in mig) if h == 0 else ()
     try:
@@ -112,7 +113,6 @@ def test_only_one_mig_device(fake_nvml):
         assert 0 not in [t.gpu.index for t in visibility.auto_select(visibility.devices.read(), 1)]
     finally:
         nvml_module.NVMLReader._mig_devices = original
-    assert module
 
 
 def test_too_late_is_refused_unless_the_same_set(four_gpus, monkeypatch):
@@ -138,9 +138,25 @@ def test_driver_loaded_but_not_started_is_free(four_gpus, monkeypatch):
     assert env()[0] == "3"
 
 
-def test_real_process_has_no_cuda_started():
-    # this test process never loads libcuda, so the check must answer False without loading it
-    assert visibility._loaded_libcuda() is None or not visibility.cuda_driver_initialized()
+def test_asking_whether_cuda_started_never_loads_libcuda(monkeypatch):
+    opened = []
+    cdll = ctypes.CDLL
+
+    def spy(name, mode=ctypes.DEFAULT_MODE, *args, **kwargs):
+        opened.append(mode)
+        return cdll(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(visibility.ctypes, "CDLL", spy)
+    visibility.cuda_driver_initialized()
+    assert opened and all(mode & os.RTLD_NOLOAD for mode in opened)  # only asks for a libcuda already loaded
+
+
+@pytest.mark.parametrize("answer, started", [(3, False), (0, True), (100, True)])
+def test_only_not_initialised_means_cuda_has_not_started(monkeypatch, answer, started):
+    """cuDeviceGetCount: 3 CUDA_ERROR_NOT_INITIALIZED, 0 success, 100 CUDA_ERROR_NO_DEVICE (cuInit ran and failed)."""
+    lib = type("Lib", (), {"cuDeviceGetCount": staticmethod(lambda count: answer)})()
+    monkeypatch.setattr(visibility, "_loaded_libcuda", lambda: lib)
+    assert visibility.cuda_driver_initialized() is started
 
 
 def test_current_reads_cuda_rules(four_gpus):
