@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .. import devices
 from ..errors import UsageError
 from ..units import format_size
-from . import oom, placement, protocol, roofline, timeline
+from . import oom, placement, protocol, roofline, tensor_parallel, timeline
 from .load import SIMULATED_NOTE
 
 
@@ -158,6 +158,10 @@ def bench(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 128, r
                              ("repeats", repeats, 1), ("warmup", warmup, 0)):
         if not isinstance(value, int) or value < low:
             raise UsageError(f"{name} must be a whole number of at least {low}, not {value!r}")
+    if isinstance(model, tensor_parallel.TensorParallelModel):  # runs the same protocol in every worker
+        return tensor_parallel.bench(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                                     repeats=repeats, warmup=warmup, compile=compile, tokenizer=tokenizer,
+                                     prompt=prompt, label=label, seed=seed)
 
     sim = devices.simulated()
     simulated = sim is not None or bool(getattr(getattr(model, "nbgpu_load", None), "simulated", False))

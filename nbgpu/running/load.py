@@ -102,6 +102,10 @@ def load(plan_or_model, *, show: bool = True, **from_pretrained_kwargs):
     With simulated GPUs the model runs on the CPU and the memory is recorded on the simulated GPUs.
     Out of memory: everything is released and `NotEnoughMemory` says what was missing and which plan would fit.
     """
+    if getattr(plan_or_model, "parallel", None) == "tensor":  # worker processes, one per GPU
+        from .tensor_parallel import load_plan
+
+        return load_plan(plan_or_model, show=show, **from_pretrained_kwargs)
     plan = None if isinstance(plan_or_model, (str, os.PathLike)) else plan_or_model
     sim = devices.simulated()
     source, kwargs = _arguments(plan, plan_or_model, sim, from_pretrained_kwargs)
