@@ -210,7 +210,7 @@ def test_interrupt_cancels_the_call_on_every_worker_and_the_model_stays_usable(l
     _same_as_single_process(llama_tp, llama_path, new_tokens=3)  # the collectives are still in step
 
 
-def test_an_error_on_every_rank_leaves_the_model_usable(llama_tp, llama_path):
+def test_an_error_on_every_rank_leaves_the_model_usable(llama_tp, llama_path, monkeypatch):
     with pytest.raises(TensorParallelError, match="(?s)ValueError.*max_new_tokens.*still loaded and usable"):
         llama_tp.generate(_ids(), max_new_tokens=0)
     with pytest.raises(UsageError, match="picklable"):
@@ -219,6 +219,14 @@ def test_an_error_on_every_rank_leaves_the_model_usable(llama_tp, llama_path):
         llama_tp.generate(_ids(), streamer=object())
     with pytest.raises(UsageError, match="input_ids"):
         llama_tp.generate()
+
+    class Defined(PrintEachStep):  # as a class defined in a notebook cell: found in the kernel's __main__ only
+        __module__, __qualname__ = "__main__", "Defined"
+
+    monkeypatch.setattr(sys.modules["__main__"], "Defined", Defined, raising=False)
+    with pytest.raises(TensorParallelError, match="(?s)could not read the call's arguments.*defined in the notebook"
+                                                  ".*still loaded and usable"):
+        llama_tp.generate(_ids(), max_new_tokens=2, logits_processor=[Defined()])
     _same_as_single_process(llama_tp, llama_path, new_tokens=2)
 
 

@@ -71,8 +71,8 @@ class Channel:
         with self.lock:
             self.conn.send_bytes(data)
 
-    def receive(self):
-        return pickle.loads(self.conn.recv_bytes())
+    def receive(self) -> bytes:
+        return self.conn.recv_bytes()
 
 
 class OutputForwarder:
@@ -333,13 +333,19 @@ def _serve(worker: Worker, channel: Channel, output: OutputForwarder) -> None:
     commands = {"generate": worker.generate, "bench": worker.bench, "profile": worker.profile}
     while True:
         try:
-            name, *args = channel.receive()
+            data = channel.receive()
         except (EOFError, OSError):  # the kernel has gone
-            return
-        if name == "stop":
             return
         cancel = CancelPoint(worker.shared, worker.rank)
         try:
+            try:
+                name, *args = pickle.loads(data)
+            except Exception as exc:  # every rank fails alike here, before any collective
+                raise RuntimeError(f"the worker could not read the call's arguments ({exc}). Objects defined in the "
+                                   "notebook itself cannot reach the worker processes: define them in a module "
+                                   "(a .py file next to the notebook) and import them") from exc
+            if name == "stop":
+                return
             result = commands[name](cancel, *args)
         except BaseException as exc:
             reply = ("cancelled", cancel.shared[worker.rank]) if cancel.fired else _error(exc)
