@@ -48,7 +48,7 @@ def _row(g: GPU, alias: str | None, own_pid: int) -> list[str]:
 
 @dataclass(frozen=True)
 class GPUTable:
-    """One reading of the inventory plus this kernel's visibility, for display."""
+    """One reading of the inventory plus this kernel's visibility: a sequence of GPUs that displays as the table."""
 
     inventory: Inventory
     visibility: visibility.Visibility
@@ -56,6 +56,15 @@ class GPUTable:
     @property
     def gpus(self) -> tuple[GPU, ...]:
         return self.inventory.gpus
+
+    def __len__(self) -> int:
+        return len(self.inventory.gpus)
+
+    def __iter__(self):
+        return iter(self.inventory.gpus)
+
+    def __getitem__(self, index):
+        return self.inventory.gpus[index]
 
     def rows(self) -> list[list[str]]:
         pid = os.getpid()

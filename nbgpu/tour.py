@@ -57,6 +57,16 @@ def _kernel_manager():
     return km
 
 
+@contextmanager
+def _shut_down(km):
+    """nbclient leaves a kernel it was given running (owns_km is False): stop it, and its processes, at the end."""
+    try:
+        yield
+    finally:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+
+
 def execute(path=QUICKSTART, *, timeout: int = 600, simulate: str | None = None, read_figures: bool = False):
     """Execute a notebook top to bottom in a fresh python3 kernel of this environment, in the notebook's folder.
 
@@ -69,10 +79,11 @@ def execute(path=QUICKSTART, *, timeout: int = 600, simulate: str | None = None,
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, km=_kernel_manager(), store_widget_state=True,
+    km = _kernel_manager()
+    client = NotebookClient(nb, timeout=timeout, km=km, store_widget_state=True,
                             resources={"metadata": {"path": str(path.parent)}})
     figures: dict[str, str] = {}
-    with _environment({"NBGPU_SIMULATE": simulate} if simulate else {}):
+    with _environment({"NBGPU_SIMULATE": simulate} if simulate else {}), _shut_down(km):
         with client.setup_kernel():
             for index, cell in enumerate(nb.cells):
                 client.execute_cell(cell, index)

@@ -35,3 +35,18 @@ def test_notebook_runs_on_simulated_gpus(path):
     shown = "".join(str(o.get("data", {}).get("text/html", "")) + str(o.get("data", {}).get("text/plain", ""))
                     + o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "simulated" in shown.lower().replace(first.lower(), "")  # later outputs are labelled too
+
+
+def test_executing_a_notebook_leaves_no_kernel_running(tmp_path):
+    import nbformat
+    import psutil
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os\nprint(os.getpid())")])
+    path = tmp_path / "pid.ipynb"
+    nbformat.write(nb, path)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    ran = execute(path, timeout=120)
+    kernel_pid = int(ran.cells[0].outputs[0]["text"])
+    assert kernel_pid not in before
+    left = {p.pid for p in psutil.Process().children(recursive=True)} - before
+    assert kernel_pid not in left and not psutil.pid_exists(kernel_pid)

@@ -30,7 +30,7 @@ def test_gqa_kv_cache_and_exact_weights():
     assert p.devices[0].weights == compute_module_sizes(p._meta.model)[""]
     assert p.fits and p.dtype == "float16" and p.batch == 3 and p.seq_len == 100
     d = p.devices[0]
-    assert d.total == d.weights + d.kv_cache + d.activations + d.context + d.others
+    assert d.total == d.weights + d.kv_cache + d.activations + d.allocator + d.context + d.others
     assert d.budget == 24 * GiB - GiB and d.free == d.budget - d.total
 
 
@@ -80,9 +80,9 @@ def test_mistral_sliding_window_caps_the_cache():
                                      num_attention_heads=4, num_key_value_heads=2, sliding_window=128)
     p = nbgpu.plan(cfg, gpus="1x24GiB", seq_len=4096, batch=1)
     per_token = 2 * 2 * 64 * 2
-    assert p.estimates.kv_per_layer == {0: 128 * per_token, 1: 128 * per_token}
+    assert p.estimates.kv_total == {0: 128 * per_token, 1: 128 * per_token}
     short = p.with_batch(seq_len=64)
-    assert short.estimates.kv_per_layer[0] == 64 * per_token and short.seq_len == 64
+    assert short.estimates.kv_total[0] == 64 * per_token and short.seq_len == 64
 
 
 def test_qwen2_and_mixtral_moe():
@@ -127,8 +127,14 @@ def test_model_that_does_not_fit_says_how_much_is_missing():
     assert p.missing() == sum(d.over for d in p.devices) > 0
     text = p.explain()
     assert "DOES NOT FIT" in text and "over its budget" in text
-    assert "Fewest empty 8 GiB GPUs that hold this plan (layers split across them): 3" in text
-    assert "tensor_parallel_size=4" in text
+    assert "Fewest empty 8 GiB GPUs that hold this run with its layers split across them: 3" in text
+    # the smallest size the heads allow (1, 2, 4, 8 for 32 heads / 8 KV heads) whose share fits a 7 GiB room
+    from nbgpu.planning.explain import tensor_parallel, tensor_parallel_need
+
+    room = 7 * GiB
+    tp = tensor_parallel(p)
+    assert tensor_parallel_need(p, tp) <= room and all(tensor_parallel_need(p, k) > room for k in (1, 2, 4) if k < tp)
+    assert f"Tensor parallel: {tp} GPUs" in text
 
 
 def test_offload_to_cpu_then_disk_states_the_slowdown():
@@ -200,6 +206,8 @@ def test_accelerate_strategy_equals_what_from_pretrained_auto_computes():
 
 def test_repr_html_and_text_say_simulated():
     p = nbgpu.plan(llama(), gpus="2x24GiB")
-    html = p._repr_html_()
+    from nbgpu.views.plan_view import plan_html
+
+    html = plan_html(p)
     assert "SIMULATED" in html and "plotly" in html.lower() and "cuda:1" in html
     assert "simulated" in repr(p).lower() and "fits" in repr(p)

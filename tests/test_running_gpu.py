@@ -108,3 +108,29 @@ def test_a_real_out_of_memory_while_generating_leaves_the_kernel_usable(llama_1b
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     r = nbgpu.bench(model, batch=1, prompt_len=32, new_tokens=4, repeats=1)
     assert r.generated_tokens == 4
+
+
+@pytest.fixture(scope="module")
+def two_gpus():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+
+
+def test_compiled_split_is_no_slower_than_eager_and_its_timeline_shows_both_gpus(llama_1b, two_gpus):
+    plan = nbgpu.plan(llama_1b, gpus=2, batch=1, prompt_len=128, new_tokens=64)
+    model = nbgpu.load(plan, show=False)
+    assert placement_gpus(model) == [0, 1]
+    eager = nbgpu.bench(model, batch=1, prompt_len=128, new_tokens=64, repeats=3)
+    compiled = nbgpu.bench(model, batch=1, prompt_len=128, new_tokens=64, repeats=3, compile=True)
+    print(eager, compiled, sep="\n")
+    assert compiled.latency_p50_s <= eager.latency_p50_s
+    for r in (eager, compiled):
+        assert set(r.timeline.busy()) == {0, 1} and all(v > 0 for v in r.timeline.busy().values())
+        assert set(r.timeline.breakdown) == {0, 1}
+    assert hasattr(model, "_hf_hook") or any(hasattr(m, "_hf_hook") for m in model.modules())  # hooks restored
+
+
+def placement_gpus(model):
+    from nbgpu.running import placement
+
+    return placement.cuda_devices(model)

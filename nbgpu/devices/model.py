@@ -26,7 +26,7 @@ class GPU:
     name: str | None
     pci_bus_id: str | None
     memory_total: int | None  # bytes
-    memory_used: int | None
+    memory_used: int | None  # as nvidia-smi counts it: processes and the driver's reserve
     memory_free: int | None
     utilization: int | None  # percent of time a kernel was running, last sample period
     temperature: int | None  # degrees C
@@ -40,6 +40,7 @@ class GPU:
     mig_devices: tuple[MIGDevice, ...] = ()
     memory_bandwidth: float | None = None  # bytes/s, peak, where known (NVML clocks or the specs table)
     bf16_flops: float | None = None  # FLOP/s, dense tensor-core peak, where the model is in the specs table
+    memory_reserved: int | None = None  # part of memory_used the driver keeps for itself (NVML v2), not a process
     simulated: bool = False
     errors: dict[str, str] = field(default_factory=dict, compare=False)  # field -> why it is n/a
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from . import specs
@@ -125,13 +126,27 @@ class NVMLReader:
             spec = specs.match_name(name)
             return spec.bandwidth if spec else None
 
+    def _memory(self, h: Any) -> SimpleNamespace:
+        """Memory as nvidia-smi counts it (used includes the driver's reserve), with the reserve apart where the
+        driver gives it (NVML's v2 reading; older drivers only have v1)."""
+        nv = self._nvml
+        version = getattr(nv, "nvmlMemory_v2", None)
+        if version is not None:
+            try:
+                m = nv.nvmlDeviceGetMemoryInfo(h, version=version)
+                return SimpleNamespace(total=m.total, used=m.used + m.reserved, free=m.free, reserved=m.reserved)
+            except (nv.NVMLError, TypeError):
+                pass
+        m = nv.nvmlDeviceGetMemoryInfo(h)
+        return SimpleNamespace(total=m.total, used=m.used, free=m.free, reserved=None)
+
     def _gpu(self, i: int, h: Any) -> GPU:
         nv, get = self._nvml, self._get
         errors: dict[str, str] = {}
         if h is None:
             return _unavailable(i, "the GPU could not be opened (lost or no permission)")
         static = self._static_fields(i, h, errors)
-        mem = get(errors, "memory", lambda: nv.nvmlDeviceGetMemoryInfo(h))
+        mem = get(errors, "memory", lambda: self._memory(h))
         util = get(errors, "utilization", lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu)
         power = get(errors, "power_draw", lambda: nv.nvmlDeviceGetPowerUsage(h) / _MW)
         limit = get(errors, "power_limit", lambda: nv.nvmlDeviceGetEnforcedPowerLimit(h) / _MW)
@@ -141,6 +156,7 @@ class NVMLReader:
             memory_total=None if mem is None else int(mem.total),
             memory_used=None if mem is None else int(mem.used),
             memory_free=None if mem is None else int(mem.free),
+            memory_reserved=None if mem is None or mem.reserved is None else int(mem.reserved),
             utilization=util,
             temperature=get(errors, "temperature", lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
             power_draw=power,

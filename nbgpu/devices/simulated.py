@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from ..errors import UsageError
 from ..units import GiB, SizeError, format_size, parse_size
 from . import specs
+from .calibration import DEFAULT as CALIBRATION
 from .model import GPU, GPUProcess, Inventory
 
-# What a CUDA context and framework workspace (cuBLAS, allocator slack) cost a process on a real GPU: 0.68 GiB
-# measured on an H100 with torch 2.11 / CUDA 13 (bench/plan_vs_measured.py); older GPUs and CUDA versions take
-# less, so this errs on the safe side. Shown on a simulated GPU once this process "uses" it; the planner's default.
-CONTEXT_BYTES = 700 * 1024**2
+# A CUDA context and the kernels a first generate loads, per process and GPU (calibrated on real GPUs)
+CONTEXT_BYTES = CALIBRATION.context
 
 # The course's simulated machine: four NVIDIA L4 (24 GB, 300 GB/s, 121 TF bf16, a 72 W limit) on PCIe, a common
 # cloud machine whose figures are all published.

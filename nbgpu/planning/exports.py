@@ -27,12 +27,14 @@ def to_dict(plan) -> dict:
         "format": FORMAT,
         "source": _source_for_json(plan),
         "dtype": plan.dtype, "batch": plan.batch, "seq_len": plan.seq_len,
+        "prompt_len": plan.prompt_len, "new_tokens": plan.new_tokens, "prefill_chunk": plan.workload.prefill_chunk,
+        "attn_implementation": plan.workload.attention, "cache": plan.workload.cache, "parallel": plan.parallel,
         "strategy": plan.strategy if isinstance(plan.strategy, str) else "manual",
         "reserve": plan.reserve, "context": plan.context, "offload": plan.offload, "cpu_memory": plan.cpu_memory,
         "gpus": [{"index": g.index, "name": g.name, "uuid": g.uuid, "memory_total": g.memory_total,
                   "memory_used": g.memory_used, "simulated": g.simulated} for g in plan.gpus],
-        "device_map": plan.device_map,
-        "max_memory": {str(k): v for k, v in plan.max_memory.items()},
+        "device_map": plan.device_map if plan.parallel == "layers" else None,
+        "max_memory": {str(k): v for k, v in plan.max_memory.items()} if plan.parallel == "layers" else None,
         "fits": plan.fits,
     }
 
@@ -65,10 +67,19 @@ def load(path):
                 memory_used=g["memory_used"], memory_free=None, utilization=None, temperature=None, power_draw=None,
                 power_limit=None, pstate=None, persistence_mode=None, compute_capability=None, mig_mode=None,
                 simulated=g["simulated"]) for g in data["gpus"]]
+    from .plan import workload
+
+    work = workload(data["batch"], None if "prompt_len" in data else data["seq_len"], data.get("prompt_len"),
+                    data.get("new_tokens"), data.get("prefill_chunk"), data.get("attn_implementation", "sdpa"),
+                    data.get("cache", "dynamic"))
+    parallel = data.get("parallel", "layers")
+    if parallel == "tensor":
+        return Plan(meta, gpus, workload=work, strategy="balanced", reserve=data["reserve"], context=data["context"],
+                    offload=False, cpu_memory=data["cpu_memory"], parallel="tensor")
     raw = data["device_map"] if data["strategy"] == "accelerate" else None
-    return Plan(meta, gpus, batch=data["batch"], seq_len=data["seq_len"], strategy=data["strategy"],
-                reserve=data["reserve"], context=data["context"], offload=data["offload"],
-                cpu_memory=data["cpu_memory"], assignment=units_from_map(meta, data["device_map"]), raw_map=raw)
+    return Plan(meta, gpus, workload=work, strategy=data["strategy"], reserve=data["reserve"],
+                context=data["context"], offload=data["offload"], cpu_memory=data["cpu_memory"],
+                assignment=units_from_map(meta, data["device_map"]), raw_map=raw)
 
 
 # --- KTransformers ------------------------------------------------------------------------------------------
@@ -81,7 +92,7 @@ def _runs(plan) -> list[tuple[object, list]]:
     """Consecutive units on one device, in model order: [(device, [units])]."""
     out: list[tuple[object, list]] = []
     for u in plan.units:
-        dev = plan._assignment[u.name]
+        dev = plan.assignment[u.name]
         if out and out[-1][0] == dev:
             out[-1][1].append(u)
         else:

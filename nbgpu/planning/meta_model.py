@@ -39,6 +39,7 @@ class MetaModel:
     tied_units: list[list[str]] = field(default_factory=list)  # the same groups, as unit names
     embed: str | None = None  # the input embedding unit
     head: str | None = None  # the output projection unit (lm_head)
+    gated_mlp: bool = True  # gate and up projections (Llama-like) rather than a plain two-layer MLP (GPT-2)
 
     @property
     def total(self) -> int:
@@ -128,6 +129,10 @@ def build(source, dtype: str = "bfloat16") -> MetaModel:
     meta.embed = _owner(units, _param_of(model.get_input_embeddings(), model))
     out = model.get_output_embeddings()
     meta.head = _owner(units, _param_of(out, model)) if out is not None else None
+    first = next((u.name for u in units if u.layer is not None), None)
+    if first is not None:
+        names = [n for n, _ in model.named_parameters() if n.startswith(first + ".")]
+        meta.gated_mlp = any(k in n for n in names for k in ("gate_proj", "gate_up_proj", "up_proj", ".w3."))
     return meta
 
 

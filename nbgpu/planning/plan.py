@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 from ..devices import GPU
+from ..devices.calibration import DEFAULT as CALIBRATION
 from ..errors import UsageError
 from ..units import GiB, format_size, parse_size
-from . import memory, strategies
+from . import memory, strategies, tensor_plan, tp_sizes
 from .meta_model import MetaModel, build, dtype_name
 
 DEFAULT_RESERVE = "1GiB"
+DEFAULT_SEQ_LEN = 2048
 PCIE_BANDWIDTH = 25e9  # bytes/s a PCIe 4.0 x16 link moves in practice (estimate for offload slowdowns)
 DISK_BANDWIDTH = 2e9  # bytes/s of a fast NVMe drive (estimate)
+PARALLEL = ("layers", "tensor")
 
 
 @dataclass(frozen=True)
@@ -22,20 +26,33 @@ class DeviceBudget:
     cuda_index: int
     gpu: GPU
     capacity: int
-    reserve: int
+    reserve: int  # kept free on purpose (plan(reserve=...))
     others: int  # memory other processes (and this one) already use on this GPU now
+    driver_reserved: int = 0  # what the driver keeps for itself (NVML's reserved memory)
     weights: int = 0
     kv_cache: int = 0
     activations: int = 0
+    allocator: int = 0  # cuBLAS workspace + the caching allocator's slack
     context: int = 0
+    communication: int = 0  # tensor parallelism: NCCL's buffers and the peers' mappings
+
+    @property
+    def process(self) -> int:
+        """What this model's process will hold on the GPU at its peak (what NVML will show for it)."""
+        return self.weights + self.kv_cache + self.activations + self.allocator + self.context + self.communication
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.context + self.others
+        return self.process + self.others + self.driver_reserved
 
     @property
     def budget(self) -> int:
         return max(0, self.capacity - self.reserve)
+
+    @property
+    def room(self) -> int:
+        """What this plan may use: the budget less the driver's reserve and other processes' memory."""
+        return self.budget - self.driver_reserved - self.others
 
     @property
     def free(self) -> int:
@@ -51,23 +68,21 @@ class DeviceBudget:
         return f"cuda:{self.cuda_index} = GPU {self.gpu.index} {self.gpu.name or ''}{sim}".rstrip()
 
 
-def resolve_gpus(gpus) -> list[GPU]:
+def resolve_gpus(gpus, visible: list[GPU]) -> list[GPU]:
     """None: the visible GPUs (cuda:N order); an int: the first N of them; a simulate spec ('2x24GiB',
     '24GiB,80GiB', 'A100-80GB'); or a list of inventory GPUs and/or sizes ('24GiB', 80e9)."""
     from ..devices.simulated import SimulatedGPUs
-    from ..visibility import current
 
     if gpus is None or (isinstance(gpus, int) and not isinstance(gpus, bool)):
-        visible = [t.gpu for t in current().targets]
         if gpus is None:
             if not visible:
                 raise UsageError("no GPU is visible to plan for: pass gpus='2x24GiB' (or a list of sizes) to plan "
-                                 "for GPUs this machine does not have, or run nbgpu.simulate('4x24GiB')")
-            return visible
+                                 "for GPUs this machine does not have, or run nbgpu.simulate('4xL4')")
+            return list(visible)
         if gpus < 1 or gpus > len(visible):
             raise UsageError(f"gpus={gpus}: this kernel sees {len(visible)} GPU(s); give 1..{len(visible)} "
                              "or a spec such as '4x24GiB'")
-        return visible[:gpus]
+        return list(visible[:gpus])
     if isinstance(gpus, str):
         return list(SimulatedGPUs(gpus).read().gpus)
     if isinstance(gpus, (list, tuple)):
@@ -86,33 +101,36 @@ def resolve_gpus(gpus) -> list[GPU]:
     raise UsageError(f"cannot read gpus={gpus!r}: give None, a count, a spec such as '2x24GiB', or a list")
 
 
-def _cpu_available() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
 class Plan:
     """A placement of a causal LM over GPUs (then CPU and disk), with per-GPU memory, before any weight loads.
 
-    Edit with `move`, export with `device_map`, `max_memory`, `save`, `ktransformers_rules()`, `vllm()`,
-    `mlc()`, `openllm()`. Nothing here touches a GPU.
+    `parallel="layers"`: contiguous layers per GPU (a device_map). `parallel="tensor"`: every layer split over
+    every GPU (transformers' tp_plan="auto", loaded in one worker process per GPU). Edit a layer split with
+    `move`; export with `device_map`, `max_memory`, `save`, `ktransformers_rules()`, `vllm()`, `mlc()`,
+    `openllm()`. Nothing here touches a GPU or reads the machine: `plan()` reads it and passes it in.
     """
 
-    def __init__(self, meta: MetaModel, gpus: list[GPU], *, batch: int, seq_len: int, strategy, reserve: int,
-                 context: int, offload, cpu_memory: int | None, assignment: dict | None = None,
+    def __init__(self, meta: MetaModel, gpus: list[GPU], *, workload: memory.Workload, strategy, reserve: int,
+                 context: int, offload, cpu_memory: int, parallel: str = "layers", assignment: dict | None = None,
                  raw_map: dict | None = None):
         self._meta = meta
         self.gpus = list(gpus)
-        self.batch, self.seq_len = batch, seq_len
+        self.workload = workload
         self.strategy = strategy
         self.reserve, self.context = reserve, context
         self.offload = offload
-        self.cpu_memory = _cpu_available() if cpu_memory is None else cpu_memory
-        self.estimates = memory.estimate(meta.config, meta.dtype, batch, seq_len)
-        self._costs = strategies.Costs(meta, self.estimates, [self._others(g) for g in self.gpus], context)
+        self.cpu_memory = cpu_memory
+        self.parallel = parallel
+        self.estimates = memory.estimate(meta.config, meta.dtype, workload, gated=meta.gated_mlp)
         self.balance_ratio = None
         self._raw_map = raw_map  # an exact accelerate map (strategy='accelerate'), kept until edited
+        if parallel == "tensor":
+            self.heads = tp_sizes.split(meta.config, len(self.gpus))
+            self._shard, self._replicated = tensor_plan.shard_bytes(meta, len(self.gpus))
+            self._assignment = {u.name: "all" for u in meta.units}
+            self._account()
+            return
+        self._costs = strategies.Costs(meta, self.estimates, context)
         self._assignment = dict(assignment) if assignment is not None else self._place()
         self._check_tied(self._assignment)
         self._account()
@@ -131,22 +149,51 @@ class Plan:
         return self._meta.dtype
 
     @property
+    def batch(self) -> int:
+        return self.workload.batch
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens each sequence holds at the end: prompt + new tokens."""
+        return self.workload.seq_len
+
+    @property
+    def prompt_len(self) -> int:
+        return self.workload.prompt_len
+
+    @property
+    def new_tokens(self) -> int:
+        return self.workload.new_tokens
+
+    @property
+    def tp(self) -> int:
+        """GPUs that share every layer (1 for a layer split)."""
+        return len(self.gpus) if self.parallel == "tensor" else 1
+
+    @property
     def simulated(self) -> bool:
         return any(g.simulated for g in self.gpus)
 
     @property
+    def assignment(self) -> MappingProxyType:
+        """Unit -> device (cuda index, 'cpu', 'disk'; 'all' under tensor parallelism), read-only."""
+        return MappingProxyType(self._assignment)
+
+    @property
     def device_map(self) -> dict:
+        self._layers_only("device_map")
         if self._raw_map is not None:
             return dict(self._raw_map)
         return dict(self._assignment)
 
     @property
     def max_memory(self) -> dict:
-        """Room for weights per GPU (budget less cache, activations, context and others), plus the CPU."""
-        out = {d.cuda_index: max(0, d.budget - d.others - d.kv_cache - d.activations - d.context)
-               for d in self.devices}
-        for d in self.devices:  # never below what the plan already places there
-            out[d.cuda_index] = max(out[d.cuda_index], d.weights) if not d.over else d.weights
+        """Room for weights per GPU (what the plan places there, never above the card), plus the CPU."""
+        self._layers_only("max_memory")
+        out = {}
+        for d in self.devices:
+            rest = d.process - d.weights
+            out[d.cuda_index] = min(max(d.weights, d.room - rest), max(0, d.capacity - d.driver_reserved))
         out["cpu"] = max(self.cpu_memory, self.cpu_weights)
         return out
 
@@ -170,20 +217,37 @@ class Plan:
         return list(self._meta.no_split)
 
     @property
+    def max_positions(self) -> int | None:
+        """The model's position limit (max_position_embeddings or n_positions), where the config has one."""
+        cfg = memory.text_config(self.config)
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    @property
+    def exceeds_positions(self) -> bool:
+        limit = self.max_positions
+        return limit is not None and self.seq_len > limit
+
+    @property
     def targets(self) -> list:
         """Valid devices to place on: cuda indexes, then 'cpu' and 'disk'."""
         return [*range(len(self.gpus)), "cpu", "disk"]
 
-    # --- placing -----------------------------------------------------------------------------------------
-    def _others(self, gpu: GPU) -> int:
-        return int(gpu.memory_used or 0)
+    def _layers_only(self, what: str) -> None:
+        if self.parallel == "tensor":
+            raise UsageError(f"a tensor-parallel plan has no {what}: every layer is split over every GPU. Load it "
+                             "with nbgpu.load(plan) (one worker per GPU), or plan parallel='layers' for a device_map")
 
-    def _budgets(self) -> list[int]:
-        return [max(0, (g.memory_total or 0) - self.reserve) for g in self.gpus]
+    # --- placing -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _others(gpu: GPU) -> int:
+        return max(0, int(gpu.memory_used or 0) - int(gpu.memory_reserved or 0))
+
+    def _rooms(self) -> list[int]:
+        return [max(0, (g.memory_total or 0) - self.reserve) - int(g.memory_reserved or 0) - self._others(g)
+                for g in self.gpus]
 
     def _place(self) -> dict:
         s = self.strategy
-        targets = self.targets
         if isinstance(s, str):
             if s not in strategies.STRATEGIES:
                 raise UsageError(f"unknown strategy {s!r}: choose {', '.join(strategies.STRATEGIES)}, a dict "
@@ -191,20 +255,21 @@ class Plan:
             if s == "accelerate":
                 self._raw_map = strategies.accelerate_map(self._meta, self._accelerate_memory())
                 return strategies.units_from_map(self._meta, self._raw_map)
-            assignment, ratio = strategies.balanced(self._costs, self._budgets())
+            rooms = self._rooms()
+            assignment, ratio = strategies.balanced(self._costs, rooms)
             self.balance_ratio = ratio
             if s == "sequential":
-                assignment = strategies.sequential(self._costs, self._budgets()) or assignment
+                assignment = strategies.sequential(self._costs, rooms) or assignment
             if ratio > 1 and self.offload:
-                assignment = strategies.offload(self._costs, self._budgets(), self._overs, self.cpu_memory,
+                assignment = strategies.offload(self._costs, rooms, self._overs, self.cpu_memory,
                                                 self.offload == "disk" or self.offload is True)
                 self.strategy, self.balance_ratio = f"{s}+offload", None
             return assignment
-        assignment = strategies.manual(self._meta, s, targets)
+        assignment = strategies.manual(self._meta, s, self.targets)
         return self._tie_followers(assignment, s)
 
     def _accelerate_memory(self) -> dict:
-        mem = {i: max(0, b - self._others(g)) for i, (g, b) in enumerate(zip(self.gpus, self._budgets()))}
+        mem = {i: max(0, r) for i, r in enumerate(self._rooms())}
         mem["cpu"] = self.cpu_memory if self.offload else 0
         return mem
 
@@ -221,7 +286,10 @@ class Plan:
         return assignment
 
     def _check_tied(self, assignment: dict) -> None:
-        for params, units in zip(self._meta.tied, self._tied_unit_groups()):
+        from .meta_model import _owner
+
+        for params in self._meta.tied:
+            units = sorted({_owner(self._meta.units, p) for p in params})
             placed = {u: assignment[u] for u in units}
             if len(set(map(str, placed.values()))) > 1:
                 where = ", ".join(f"{u} -> {d!r}" for u, d in placed.items())
@@ -229,47 +297,50 @@ class Plan:
                                  f"but this places {where}. Move {' and '.join(units)} together, e.g. "
                                  f"plan.move({list(units)!r}, {next(iter(placed.values()))!r})")
 
-    def _tied_unit_groups(self):
-        from .meta_model import _owner
-
-        return [sorted({_owner(self._meta.units, p) for p in g}) for g in self._meta.tied]
-
     # --- accounting --------------------------------------------------------------------------------------
+    def _budget(self, i: int, g: GPU, **figures) -> DeviceBudget:
+        return DeviceBudget(cuda_index=i, gpu=g, capacity=int(g.memory_total or 0), reserve=self.reserve,
+                            others=self._others(g), driver_reserved=int(g.memory_reserved or 0), **figures)
+
+    def _tally_tensor(self) -> list[DeviceBudget]:
+        tp = len(self.gpus)
+        mem = self.estimates.device(list(self.estimates.kv_total), True, True,
+                                    kv_share=self.heads.kv_heads_per_gpu / self.heads.kv_heads, tp=tp,
+                                    slack_blocks=CALIBRATION.slack_blocks_tensor)
+        comm = CALIBRATION.communication if tp > 1 else 0
+        return [self._budget(i, g, weights=self._shard, kv_cache=mem.kv_cache, activations=mem.activations,
+                             allocator=mem.allocator, context=self.context, communication=comm)
+                for i, g in enumerate(self.gpus)]
+
     def _tally(self, assignment: dict) -> tuple[list[DeviceBudget], int, int]:
-        est, meta = self.estimates, self._meta
+        meta = self._meta
         n = len(self.gpus)
-        w, kv, act, used, has_layer = [0] * n, [0] * n, [0] * n, [False] * n, [False] * n
-        cpu = disk = 0
+        weights, layers = [0] * n, [[] for _ in range(n)]
+        embed, head, used = [False] * n, [False] * n, [False] * n
+        cpu = disk = largest_offloaded = 0
         gpu_devs = [d for d in assignment.values() if isinstance(d, int)]
         main = min(gpu_devs) if gpu_devs else 0  # accelerate runs offloaded modules on the first GPU of the map
-        largest_offloaded = 0
         for u in meta.units:
             dev = assignment[u.name]
-            layer_kv = est.kv_per_layer.get(u.layer, 0) if u.layer is not None else 0
             run_on = dev if isinstance(dev, int) else main
-            if dev == "cpu":
-                cpu += u.size
-            elif dev == "disk":
-                disk += u.size
             if isinstance(dev, int):
-                w[dev] += u.size
+                weights[dev] += u.size
             else:
                 largest_offloaded = max(largest_offloaded, u.size)
-            kv[run_on] += layer_kv
+                cpu += u.size if dev == "cpu" else 0
+                disk += u.size if dev == "disk" else 0
             used[run_on] = True
             if u.layer is not None:
-                has_layer[run_on] = True
-            if u.name == meta.embed:
-                act[run_on] += est.input_activations
-            if u.name == meta.head:
-                act[run_on] += est.logits
-        act[main] += largest_offloaded  # one offloaded module at a time is copied in to run
+                layers[run_on].append(u.layer)
+            embed[run_on] = embed[run_on] or u.name == meta.embed
+            head[run_on] = head[run_on] or u.name == meta.head
         out = []
         for i, g in enumerate(self.gpus):
-            out.append(DeviceBudget(
-                cuda_index=i, gpu=g, capacity=int(g.memory_total or 0), reserve=self.reserve,
-                others=self._others(g), weights=w[i], kv_cache=kv[i],
-                activations=act[i] + (est.layer_activations if has_layer[i] else 0),
+            mem = self.estimates.device(layers[i], embed[i], head[i]) if used[i] else None
+            offloaded = largest_offloaded if i == main and (cpu or disk) else 0  # one module copied in at a time
+            out.append(self._budget(
+                i, g, weights=weights[i], kv_cache=mem.kv_cache if mem else 0,
+                activations=(mem.activations if mem else 0) + offloaded, allocator=mem.allocator if mem else 0,
                 context=self.context if used[i] else 0))
         return out, cpu, disk
 
@@ -277,13 +348,17 @@ class Plan:
         return [d.over for d in self._tally(assignment)[0]]
 
     def _account(self) -> None:
-        self.devices, self.cpu_weights, self.disk_weights = self._tally(self._assignment)
+        if self.parallel == "tensor":
+            self.devices, self.cpu_weights, self.disk_weights = self._tally_tensor(), 0, 0
+        else:
+            self.devices, self.cpu_weights, self.disk_weights = self._tally(self._assignment)
         self._cpu_over = max(0, self.cpu_weights - self.cpu_memory)
 
     # --- editing -----------------------------------------------------------------------------------------
     def move(self, modules, device) -> Plan:
         """Move modules ('model.layers.20-31', a name, or a list) to a device (cuda index, 'cpu', 'disk').
         Refused with the plan unchanged when a name is unknown, inside a no-split module, or splits tied weights."""
+        self._layers_only("layers to move")
         strategies.check_device(device, self.targets, modules)
         names = strategies.select(self._meta, modules)
         new = dict(self._assignment)
@@ -297,6 +372,7 @@ class Plan:
 
     def set_boundaries(self, counts: list[int]) -> Plan:
         """Decoder layers per GPU in order (e.g. [14, 18]); the editor's handles call this."""
+        self._layers_only("layer boundaries")
         new = self._tie_followers(strategies.manual(self._meta, list(counts), self.targets), None)
         self._check_tied(new)
         self._assignment, self._raw_map, self.strategy = new, None, "manual"
@@ -304,21 +380,32 @@ class Plan:
         return self
 
     def layer_counts(self) -> list[int]:
-        """Decoder layers on each GPU, in cuda order."""
+        """Decoder layers on each GPU, in cuda order (every layer on every GPU under tensor parallelism)."""
         layers = [u for u in self._meta.units if u.layer is not None]
+        if self.parallel == "tensor":
+            return [len(layers)] * len(self.gpus)
         return [sum(1 for u in layers if self._assignment[u.name] == i) for i in range(len(self.gpus))]
 
+    def _again(self, workload: memory.Workload, **changes) -> Plan:
+        keep = self.strategy if isinstance(self.strategy, str) else "balanced"
+        keep = keep.split("+")[0] if keep != "manual" else "balanced"
+        args = dict(workload=workload, strategy=keep, reserve=self.reserve, context=self.context,
+                    offload=self.offload, cpu_memory=self.cpu_memory, parallel=self.parallel)
+        args.update(changes)
+        return Plan(self._meta, self.gpus, **args)
+
     def copy(self) -> Plan:
-        return Plan(self._meta, self.gpus, batch=self.batch, seq_len=self.seq_len, strategy=self.strategy,
-                    reserve=self.reserve, context=self.context, offload=self.offload, cpu_memory=self.cpu_memory,
-                    assignment=self._assignment, raw_map=self._raw_map)
+        return self._again(self.workload, strategy=self.strategy,
+                           assignment=None if self.parallel == "tensor" else self._assignment, raw_map=self._raw_map)
 
     def with_batch(self, batch: int | None = None, seq_len: int | None = None) -> Plan:
-        """The same model, GPUs and strategy, planned again for another batch and/or sequence length."""
-        strategy = self.strategy.split("+")[0] if self.strategy != "manual" else "balanced"
-        return Plan(self._meta, self.gpus, batch=_positive(batch or self.batch, "batch"),
-                    seq_len=_positive(seq_len or self.seq_len, "seq_len"), strategy=strategy, reserve=self.reserve,
-                    context=self.context, offload=self.offload, cpu_memory=self.cpu_memory)
+        """The same model, GPUs and strategy, planned again for another batch and/or total length (the prompt
+        shrinks with the length; the new tokens stay where they fit)."""
+        batch = _positive(batch or self.batch, "batch")
+        total = _positive(seq_len or self.seq_len, "seq_len")
+        new = min(self.new_tokens, total - 1) if total > 1 else 0
+        work = replace(self.workload, batch=batch, prompt_len=total - new, new_tokens=new)
+        return self._again(work)
 
     # --- explanations and exports (see explain.py, exports.py) -------------------------------------------
     def explain(self) -> str:
@@ -366,35 +453,33 @@ class Plan:
 
         return openllm(self)
 
-    # --- display -----------------------------------------------------------------------------------------
+    # --- text ----------------------------------------------------------------------------------------------
     def summary_lines(self) -> list[str]:
+        w = self.workload
+        how = f"tensor parallel over {self.tp} GPUs" if self.parallel == "tensor" else \
+            f"strategy {_strategy_label(self.strategy)}"
         head = f"{'[simulated GPUs] ' if self.simulated else ''}Plan for {_source_label(self.source)} " \
-               f"({self.dtype}, batch {self.batch} x {self.seq_len} tokens, strategy {_strategy_label(self.strategy)})"
+               f"({self.dtype}, batch {w.batch} x ({w.prompt_len} prompt + {w.new_tokens} new) tokens, {how})"
         lines = [head]
         for d in self.devices:
-            span = _span(self.layers_on(d.cuda_index))
+            span = "a slice of every layer" if self.parallel == "tensor" else _span(self.layers_on(d.cuda_index))
+            comm = f", communication {format_size(d.communication)}" if d.communication else ""
             lines.append(f"  {d.label}: {format_size(d.total)} / {format_size(d.budget)} budget "
                          f"(weights {format_size(d.weights)}, KV {format_size(d.kv_cache)}, act ~"
-                         f"{format_size(d.activations)}, context {format_size(d.context)}, others "
-                         f"{format_size(d.others)})  {span}" + (f"  OVER by {format_size(d.over)}" if d.over else ""))
+                         f"{format_size(d.activations)}, allocator ~{format_size(d.allocator)}, context "
+                         f"{format_size(d.context)}{comm}, others {format_size(d.others)}, driver "
+                         f"{format_size(d.driver_reserved)})  {span}" +
+                         (f"  OVER by {format_size(d.over)}" if d.over else ""))
         if self.cpu_weights or self.disk_weights:
             lines.append(f"  offloaded: {format_size(self.cpu_weights)} to CPU, {format_size(self.disk_weights)} to "
                          "disk")
         lines.append("  fits" if self.fits else f"  DOES NOT FIT: {format_size(self.missing())} missing")
+        if self.exceeds_positions:
+            lines.append(f"  {self.seq_len} tokens exceed the model's {self.max_positions} positions")
         return lines
 
     def __repr__(self) -> str:
         return "\n".join(self.summary_lines())
-
-    def _repr_html_(self) -> str:
-        from ..views.plan_view import plan_html
-
-        return plan_html(self)
-
-    def _ipython_display_(self) -> None:
-        from ..views.plan_view import display_plan
-
-        display_plan(self)
 
 
 def _source_label(source) -> str:
@@ -421,28 +506,77 @@ def _positive(value, what) -> int:
     return value
 
 
-def plan(model, gpus=None, dtype="bfloat16", batch: int = 1, seq_len: int = 2048, strategy="balanced",
-         reserve=DEFAULT_RESERVE, offload=False, context=memory.DEFAULT_CONTEXT, cpu_memory=None) -> Plan:
-    """Plan where each layer of a causal LM goes and what every GPU will hold, before loading anything.
+def workload(batch, seq_len, prompt_len, new_tokens, prefill_chunk, attn_implementation, cache) -> memory.Workload:
+    """The run a plan is for. Only seq_len (the old form): the whole length is planned as a prompt (the largest
+    prefill). prompt_len and/or new_tokens: the prefill follows the prompt, the KV cache prompt + new tokens."""
+    batch = _positive(batch, "batch")
+    if prompt_len is None and new_tokens is None:
+        prompt, new = _positive(DEFAULT_SEQ_LEN if seq_len is None else seq_len, "seq_len"), 0
+    else:
+        total = None if seq_len is None else _positive(seq_len, "seq_len")
+        new = 0 if new_tokens is None and prompt_len is not None and total is None else new_tokens
+        if new is None:
+            new = total - _positive(prompt_len, "prompt_len")
+        if isinstance(new, bool) or not isinstance(new, int) or new < 0:
+            raise UsageError(f"new_tokens must be a whole number of at least 0, not {new_tokens!r}")
+        prompt = prompt_len if prompt_len is not None else (total or DEFAULT_SEQ_LEN) - new
+        prompt = _positive(prompt, "prompt_len (seq_len - new_tokens)")
+        if total is not None and prompt + new != total:
+            raise UsageError(f"seq_len={total} is not prompt_len + new_tokens = {prompt} + {new}: give two of them")
+    chunk = None if prefill_chunk is None else _positive(prefill_chunk, "prefill_chunk")
+    if attn_implementation not in memory.ATTENTION:
+        raise UsageError(f"attn_implementation must be one of {', '.join(memory.ATTENTION)}, "
+                         f"not {attn_implementation!r}")
+    if cache not in ("dynamic", "static"):
+        raise UsageError(f"cache must be 'dynamic' (generate's default) or 'static' (compiled), not {cache!r}")
+    return memory.Workload(batch, prompt, new, chunk, attn_implementation, cache)
+
+
+def _cpu_available() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def plan(model, gpus=None, dtype="bfloat16", batch: int = 1, seq_len: int | None = None, strategy="balanced",
+         reserve=DEFAULT_RESERVE, offload=False, context=memory.DEFAULT_CONTEXT, cpu_memory=None, *,
+         prompt_len: int | None = None, new_tokens: int | None = None, prefill_chunk: int | None = None,
+         attn_implementation: str = "sdpa", cache: str = "dynamic", parallel: str = "layers") -> Plan:
+    """Plan where each layer of a causal LM goes and what every GPU will hold, before anything loads.
 
     model: local checkpoint folder, config object or dict (with 'model_type'), or hub id (config only).
     gpus: None (the GPUs this kernel sees, in cuda:N order), an int (the first N of them), a simulate spec
         ('2x24GiB', '24GiB,80GiB', '4xA100-80GB') or a list of inventory GPUs and/or sizes.
+    batch, prompt_len, new_tokens: the run to plan for (prefill activations follow the prompt, or prefill_chunk
+        where generate prefills in chunks; the KV cache holds prompt + new tokens). seq_len alone (default 2048)
+        plans the whole length as a prompt.
+    attn_implementation: 'sdpa' (default), 'eager' (adds the score matrix), 'flash_attention_2', ...
+    cache: 'dynamic' (generate's default) or 'static' (compiled generate).
+    parallel: 'layers' (contiguous layers per GPU, a device_map) or 'tensor' (every layer split over the GPUs).
     strategy: 'balanced', 'sequential', 'accelerate' (what device_map='auto' gives), a dict {module or range
         ('model.layers.0-15'): device}, or a list of decoder-layer counts per GPU.
-    reserve: memory kept free on every GPU; context: CUDA context + framework overhead per GPU in use.
+    reserve: memory kept free on every GPU; context: CUDA context per GPU in use (calibrated default).
     offload: False (report what is missing), 'cpu' (offload to CPU memory), 'disk' or True (CPU, then disk).
     cpu_memory: CPU memory offered for offload (default: available RAM now).
     """
+    from ..visibility import current
+
     if offload not in (False, None, True, "cpu", "disk"):
         raise UsageError(f"offload must be False, 'cpu', 'disk' or True, not {offload!r}")
-    gpu_list = resolve_gpus(gpus)
+    if parallel not in PARALLEL:
+        raise UsageError(f"parallel must be 'layers' (a layer split) or 'tensor' (tensor parallelism), not "
+                         f"{parallel!r}")
+    if parallel == "tensor" and (offload or strategy != "balanced"):
+        raise UsageError("a tensor-parallel plan splits every layer over every GPU: it takes no strategy and no "
+                         "offload (plan parallel='layers' for those)")
+    work = workload(batch, seq_len, prompt_len, new_tokens, prefill_chunk, attn_implementation, cache)
+    visible = [t.gpu for t in current().targets] if gpus is None or isinstance(gpus, int) else []
+    gpu_list = resolve_gpus(gpus, visible)
     reserve_b, context_b = parse_size(reserve), parse_size(context)
-    cpu_b = None if cpu_memory is None else parse_size(cpu_memory)
-    batch, seq_len = _positive(batch, "batch"), _positive(seq_len, "seq_len")
+    cpu_b = _cpu_available() if cpu_memory is None else parse_size(cpu_memory)
     meta = build(model, dtype_name(dtype))
-    return Plan(meta, gpu_list, batch=batch, seq_len=seq_len, strategy=strategy, reserve=reserve_b,
-                context=context_b, offload=offload or False, cpu_memory=cpu_b)
+    return Plan(meta, gpu_list, workload=work, strategy=strategy, reserve=reserve_b, context=context_b,
+                offload=offload or False, cpu_memory=cpu_b, parallel=parallel)
 
 
-__all__ = ["DeviceBudget", "GiB", "Plan", "plan", "resolve_gpus"]
+__all__ = ["DeviceBudget", "GiB", "Plan", "plan", "resolve_gpus", "workload"]

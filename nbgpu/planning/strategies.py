@@ -1,11 +1,17 @@
 """Where each unit goes. A strategy returns {unit name: device}, device an int cuda index, "cpu" or "disk".
 
-balanced   contiguous units per GPU, minimising the largest per-GPU total relative to its budget (on equal GPUs:
-           the largest total); works for GPUs of different sizes.
-sequential fill cuda:0, then cuda:1, ... up to each budget.
+balanced   contiguous units per GPU. First objective: the fullest GPU, as a share of the room this plan has on it
+           (its budget less what other processes use), as low as possible. Second: among the splits that reach it,
+           the emptiest GPU as full as possible, so every GPU given is used and the layers spread as evenly as the
+           weights allow. Works for GPUs of different sizes and with other processes' memory on some of them.
+sequential fill cuda:0, then cuda:1, ... up to each GPU's room.
 accelerate exactly what `from_pretrained(device_map="auto", max_memory=plan.max_memory)` picks (transformers'
            own `_get_device_map`, which runs accelerate's balanced memory and `infer_auto_device_map`).
 manual     a dict of module names or layer ranges -> device, or a list of decoder-layer counts per GPU.
+
+The model is partitioned as a sequence of "items": each unit, except tied units, which follow the first of their
+group (so a tied output projection goes with the embeddings). A GPU's memory for a run of items comes from the
+memory model (`memory.Estimates.device`), tabulated once for every contiguous run.
 """
 
 from __future__ import annotations
@@ -14,105 +20,154 @@ import logging
 import re
 from contextlib import contextmanager
 
+import numpy as np
+
 from ..errors import UsageError
 from .meta_model import MetaModel
 
 STRATEGIES = ("balanced", "sequential", "accelerate")
 _RANGE = re.compile(r"^(?P<prefix>.+)\.(?P<lo>\d+)-(?P<hi>\d+)$")
+_STEPS = 40  # bisection steps: ratios to ~1e-12 of their range
 
 
 class Costs:
-    """What each unit costs on the GPU it lands on, and what a GPU costs once used (from the plan's estimates)."""
+    """What a GPU holds for a contiguous run of items: `load[p, q]` bytes for items p..q-1 (context included),
+    0 for an empty run."""
 
-    def __init__(self, meta: MetaModel, est, fixed: list[int], context: int):
-        self.meta, self.est, self.fixed, self.context = meta, est, fixed, context
-        # tied units follow the first of their group; the sequence to partition holds the group leaders only
+    def __init__(self, meta: MetaModel, est, context: int):
+        self.meta, self.est, self.context = meta, est, context
+        order = [u.name for u in meta.units]
         follow = {}
         for group in meta.tied_units:
-            order = sorted(group, key=[u.name for u in meta.units].index)
-            follow.update({name: order[0] for name in order[1:]})
+            ordered = sorted(group, key=order.index)
+            follow.update({name: ordered[0] for name in ordered[1:]})
         self.follow = follow
-        self.leaders = [u.name for u in meta.units if u.name not in follow]
+        self.leaders = [name for name in order if name not in follow]
         self.members = {name: [name] for name in self.leaders}
         for name, leader in follow.items():
             self.members[leader].append(name)
+        self.load = self._table()
 
-    def unit_bytes(self, name: str) -> int:
-        u = self.meta.unit(name)
-        kv = self.est.kv_per_layer.get(u.layer, 0) if u.layer is not None else 0
-        extra = self.est.input_activations if name == self.meta.embed else 0
-        extra += self.est.logits if name == self.meta.head else 0
-        return u.size + kv + extra
+    def _item(self, leader: str):
+        units = [self.meta.unit(n) for n in self.members[leader]]
+        kv_total, kv_prompt = self.est.kv_total, self.est.kv_prompt
+        layers = [u.layer for u in units if u.layer is not None]
+        return (sum(u.size for u in units), sum(kv_total.get(i, 0) for i in layers),
+                sum(kv_prompt.get(i, 0) for i in layers), max((kv_total.get(i, 0) for i in layers), default=0),
+                bool(layers), self.meta.embed in self.members[leader], self.meta.head in self.members[leader])
 
-    def item_bytes(self, leader: str) -> tuple[int, bool]:
-        names = self.members[leader]
-        return sum(self.unit_bytes(n) for n in names), any(self.meta.unit(n).layer is not None for n in names)
+    def _table(self) -> np.ndarray:
+        n = len(self.leaders)
+        items = [self._item(leader) for leader in self.leaders]
+        table = np.zeros((n + 1, n + 1))
+        for p in range(n):
+            weights = kv_end = kv_prefill = largest = 0
+            layers = embed = head = False
+            for q in range(p, n):
+                w, ke, kp, lk, ly, e, h = items[q]
+                weights, kv_end, kv_prefill, largest = weights + w, kv_end + ke, kv_prefill + kp, max(largest, lk)
+                layers, embed, head = layers or ly, embed or e, head or h
+                mem = self.est.device_sums(kv_end, kv_prefill, largest, layers, embed, head)
+                table[p, q + 1] = weights + mem.kv_cache + mem.activations + mem.allocator + self.context
+        return table
 
+    def expand(self, leader_devices: dict) -> dict:
+        """Leader -> device to every unit -> device, tied followers with their leader, in model order."""
+        return {u.name: leader_devices[self.follow.get(u.name, u.name)] for u in self.meta.units}
 
-def expand(costs: Costs, leader_devices: dict[str, object]) -> dict[str, object]:
-    """Leader -> device to every unit -> device, tied followers with their leader, in model order."""
-    out = {}
-    for u in costs.meta.units:
-        out[u.name] = leader_devices[costs.follow.get(u.name, u.name)]
-    return out
-
-
-def _greedy(costs: Costs, caps: list[float], partial: bool = False) -> dict[str, int] | None:
-    """Fill GPUs in order while each stays within its cap; None when the units do not all fit (with `partial`,
-    the units that fit, in order)."""
-    out, g, used, has_layer = {}, 0, 0.0, False
-    for leader in costs.leaders:
-        size, is_layer = costs.item_bytes(leader)
-        while g < len(caps):
-            need = size + (costs.est.layer_activations if is_layer and not has_layer else 0)
-            if used + need <= caps[g]:
-                used, has_layer = used + need, has_layer or is_layer
-                out[leader] = g
-                break
-            g, used, has_layer = g + 1, 0.0, False
-        else:
-            return out if partial else None
-    return out
+    def assign(self, cuts: list[int]) -> dict:
+        """Item boundaries (len = GPUs + 1, from 0 to the item count) to unit -> cuda index."""
+        out = {}
+        for g, (p, q) in enumerate(zip(cuts, cuts[1:])):
+            out.update({self.leaders[i]: g for i in range(p, q)})
+        return self.expand(out)
 
 
-def _caps(costs: Costs, budgets: list[int], ratio: float) -> list[float]:
-    return [ratio * b - f - costs.context if b > 0 else -1 for b, f in zip(budgets, costs.fixed)]
+def _split(costs: Costs, low: np.ndarray, high: np.ndarray) -> list[int] | None:
+    """Cuts of a contiguous split with low[g] <= load of GPU g <= high[g] for every GPU (an empty GPU loads 0), or
+    None when there is none: reachability of item boundaries, one GPU at a time."""
+    n = len(costs.leaders)
+    load = costs.load
+    later = np.arange(n + 1)[None, :] >= np.arange(n + 1)[:, None]  # a run ends at or after its start
+    reach = np.zeros(n + 1, dtype=bool)
+    reach[0] = True
+    steps = []
+    for g in range(len(high)):
+        ok = later & (load >= low[g] - 1e-6) & (load <= high[g] + 1e-6) & reach[:, None]
+        steps.append(ok)
+        reach = ok.any(axis=0)
+    if not reach[n]:
+        return None
+    cuts, end = [n], n
+    for ok in reversed(steps):
+        start = int(np.flatnonzero(ok[:, end])[-1])  # the latest start: earlier GPUs take less
+        cuts.append(start)
+        end = start
+    return cuts[::-1]
 
 
-def balanced(costs: Costs, budgets: list[int]) -> tuple[dict, float]:
-    """The contiguous split with the smallest largest total/budget ratio (binary search on the ratio)."""
-    usable = [b for b in budgets if b > 0]
-    if not usable:
+def balanced(costs: Costs, rooms: list[int]) -> tuple[dict, float]:
+    """The split minimising the fullest GPU's load / room, then maximising the emptiest's; returns the assignment
+    and the first ratio. A GPU with no room (`rooms[g] <= 0`) takes nothing."""
+    room = np.array([max(r, 0) for r in rooms], dtype=float)
+    usable = room > 0
+    if not usable.any():
         raise UsageError("no GPU has room left after the reserve and what other processes use: lower `reserve`, "
                          "free memory on a GPU, or plan for other GPUs")
-    lo, hi = 0.0, 1.0
-    while _greedy(costs, _caps(costs, budgets, hi)) is None:
-        lo, hi = hi, hi * 2
+    zeros = np.zeros(len(room))
+    hi = 1.0
+    while _split(costs, zeros, hi * room) is None:
+        hi *= 2
         if hi > 1e6:
             raise UsageError("the model cannot be placed on these GPUs at any ratio (a single unit is larger than "
-                             "every GPU budget)")
-    for _ in range(40):
+                             "every GPU's room)")
+    lo = 0.0
+    for _ in range(_STEPS):
         mid = (lo + hi) / 2
-        if _greedy(costs, _caps(costs, budgets, mid)) is None:
-            lo = mid
+        lo, hi = (lo, mid) if _split(costs, zeros, mid * room) is not None else (mid, hi)
+    ratio = hi
+    best = _split(costs, zeros, ratio * room)
+    floor_lo, floor_hi = 0.0, ratio
+    for _ in range(_STEPS):  # second objective: raise the emptiest GPU's share as far as the first one allows
+        mid = (floor_lo + floor_hi) / 2
+        found = _split(costs, np.where(usable, mid * room, 0.0), ratio * room)
+        if found is not None:
+            floor_lo, best = mid, found
         else:
-            hi = mid
-    return expand(costs, _greedy(costs, _caps(costs, budgets, hi))), hi
+            floor_hi = mid
+    return costs.assign(best), ratio
 
 
-def sequential(costs: Costs, budgets: list[int]) -> dict | None:
-    found = _greedy(costs, _caps(costs, budgets, 1.0))
-    return None if found is None else expand(costs, found)
+def sequential(costs: Costs, rooms: list[int]) -> dict | None:
+    """Each GPU filled up to its room before the next is used; None when the model does not fit."""
+    n, load = len(costs.leaders), costs.load
+    cuts, p = [0], 0
+    for r in rooms:
+        q = p
+        while q < n and load[p, q + 1] <= r:
+            q += 1
+        cuts.append(q)
+        p = q
+    return costs.assign(cuts) if p == n else None
 
 
-def offload(costs: Costs, budgets: list[int], account, cpu_budget: int, allow_disk: bool) -> dict:
+def offload(costs: Costs, rooms: list[int], account, cpu_budget: int, allow_disk: bool) -> dict:
     """GPUs filled in order; what does not fit goes to the CPU, then to disk (from the end of the model, as
-    accelerate does). `account(assignment)` gives the per-GPU overs, including what offloaded layers add to cuda:0."""
-    caps = _caps(costs, budgets, 1.0)
-    for _ in range(4 * len(costs.leaders) + 4):  # offloaded layers add KV and transfers to cuda:0: shrink and refill
-        found = _greedy(costs, caps, partial=True)
-        placed = {leader: found.get(leader, "cpu") for leader in costs.leaders}
-        overs = account(expand(costs, placed))
+    accelerate does). `account(assignment)` gives the per-GPU overs, including what offloaded layers add to the GPU
+    that runs them."""
+    caps = list(rooms)
+    n, load = len(costs.leaders), costs.load
+    placed: dict = {}
+    for _ in range(4 * n + 4):  # offloaded layers add their KV cache to the GPU that runs them: shrink and refill
+        placed, p = {}, 0
+        for g, cap in enumerate(caps):
+            q = p
+            while q < n and load[p, q + 1] <= cap:
+                q += 1
+            placed.update({costs.leaders[i]: g for i in range(p, q)})
+            p = q
+        placed.update({leader: "cpu" for leader in costs.leaders[p:]})
+        overs = account(costs.expand(placed))
         if not any(overs):
             break
         caps = [c - o for c, o in zip(caps, overs)]
@@ -124,21 +179,20 @@ def offload(costs: Costs, budgets: list[int], account, cpu_budget: int, allow_di
                 placed[leader] = "disk"
             else:
                 cpu_used += size
-    return expand(costs, placed)
+    return costs.expand(placed)
 
 
 @contextmanager
 def _quiet_transformers():
-    logger = logging.getLogger("transformers")
-    accel = logging.getLogger("accelerate")
-    levels = logger.level, accel.level
-    logger.setLevel(logging.ERROR)
-    accel.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("transformers", "accelerate")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(levels[0])
-        accel.setLevel(levels[1])
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def accelerate_map(meta: MetaModel, max_memory: dict) -> dict:
@@ -155,6 +209,16 @@ def accelerate_map(meta: MetaModel, max_memory: dict) -> dict:
         return dict(_get_device_map(meta.model, "auto", dict(max_memory), None))
 
 
+def device_of(device_map: dict, name: str):
+    """The device of module or parameter `name` under an accelerate-style map (longest matching prefix wins)."""
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        key = ".".join(parts[:i])
+        if key in device_map:
+            return device_map[key]
+    return None
+
+
 def units_from_map(meta: MetaModel, device_map: dict) -> dict:
     """Any accelerate-style device map -> unit -> device (a unit split by the map goes where most of it goes)."""
     from accelerate.utils import compute_module_sizes
@@ -162,7 +226,7 @@ def units_from_map(meta: MetaModel, device_map: dict) -> dict:
     sizes = None
     out = {}
     for u in meta.units:
-        owner = _lookup(device_map, u.name)
+        owner = device_of(device_map, u.name)
         if owner is not None:
             out[u.name] = owner
             continue
@@ -175,15 +239,6 @@ def units_from_map(meta: MetaModel, device_map: dict) -> dict:
             weight[v] = weight.get(v, 0) + sizes.get(k, 0)
         out[u.name] = max(weight, key=weight.get)
     return out
-
-
-def _lookup(device_map: dict, name: str):
-    parts = name.split(".")
-    for i in range(len(parts), -1, -1):
-        key = ".".join(parts[:i])
-        if key in device_map:
-            return device_map[key]
-    return None
 
 
 def select(meta: MetaModel, spec) -> list[str]:
@@ -253,7 +308,7 @@ def manual(meta: MetaModel, spec, devices: list) -> dict:
 def _from_counts(meta: MetaModel, counts: list, devices: list) -> dict:
     layers = [u for u in meta.units if u.layer is not None]
     gpus = [d for d in devices if isinstance(d, int)]
-    if len(counts) > len(gpus) or any(not isinstance(c, int) or c < 0 for c in counts):
+    if len(counts) > len(gpus) or any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in counts):
         raise UsageError(f"layer counts {counts} must be whole numbers, one per GPU (at most {len(gpus)})")
     if sum(counts) != len(layers):
         raise UsageError(f"layer counts {counts} add up to {sum(counts)}, but the model has {len(layers)} layers")
@@ -271,6 +326,6 @@ def _from_counts(meta: MetaModel, counts: list, devices: list) -> dict:
 
 
 def check_device(device, devices: list, what) -> None:
-    if device not in devices or isinstance(device, bool):
+    if isinstance(device, bool) or device not in devices:
         raise UsageError(f"cannot place {what!r} on {device!r}: choose one of {', '.join(map(repr, devices))} "
                          "(ints are cuda:N indexes of this plan)")

@@ -7,12 +7,13 @@ exactly `new_tokens` tokens per sequence (end-of-sequence is suppressed), greedi
 from __future__ import annotations
 
 import statistics
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from .. import devices
 from ..errors import UsageError
 from ..units import format_size
-from . import oom, placement, protocol, roofline, tensor_parallel, timeline
+from . import oom, placement, protocol, roofline, split_compile, step_profile, tensor_parallel, timeline
 from .load import SIMULATED_NOTE
 
 
@@ -145,15 +146,33 @@ def _label(model, compile: bool, devices_used, simulated: bool) -> str:
     return f"{name} {where} {'compiled' if compile else 'eager'}"
 
 
-def bench(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 5, warmup: int = 1,
-          compile: bool = False, *, tokenizer=None, prompt: str | None = None, label: str | None = None,
-          explain: bool = True, seed: int = 0) -> BenchResult:
+class Sweep(list):
+    """BenchResults of one model at several batch sizes (`nbgpu.bench(model, batch=[1, 8, 32])`)."""
+
+    def __repr__(self) -> str:
+        rows = [f"  batch {r.batch:>4}: decode {r.decode_tokens_per_s:,.1f} tokens/s, per-token p50 "
+                f"{r.latency_p50_s * 1e3:.2f} ms" for r in self]
+        sim = f" [{SIMULATED_NOTE}]" if any(r.simulated for r in self) else ""
+        return "\n".join([f"{self[0].label.rsplit(' batch', 1)[0]}: batch sweep{sim}", *rows]) if self else "Sweep([])"
+
+
+def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 5,
+          warmup: int = 1, compile: bool = False, *, tokenizer=None, prompt: str | None = None,
+          label: str | None = None, explain: bool = True, seed: int = 0) -> BenchResult | Sweep:
     """Time `repeats` generate runs of `model` after `warmup` discarded ones.
 
     Random prompts of `prompt_len` tokens by default; with `tokenizer` and `prompt`, that text (its length sets
     prompt_len). `compile=True` uses transformers' static cache and torch.compile (CUDA only; two warm-up runs at
-    least, the first compiles). `explain` adds the roofline estimate and a timeline of one decode step.
+    least, the first compiles); on a model split over GPUs, each GPU's layers become one compiled graph and the
+    hand-over between GPUs stays outside. `explain` adds the roofline estimate and where one decode step's time
+    went on each GPU. A list of batch sizes runs one benchmark per size and returns a Sweep.
     """
+    if isinstance(batch, (list, tuple)):
+        if not batch:
+            raise UsageError("batch=[] names no batch size: give e.g. batch=[1, 8, 32]")
+        return Sweep(bench(model, b, prompt_len, new_tokens, repeats, warmup, compile, tokenizer=tokenizer,
+                           prompt=prompt, label=f"{label} batch {b}" if label else None, explain=explain, seed=seed)
+                     for b in batch)
     for name, value, low in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 2),
                              ("repeats", repeats, 1), ("warmup", warmup, 0)):
         if not isinstance(value, int) or value < low:
@@ -175,30 +194,46 @@ def bench(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 128, r
     ids = _prompts(model, batch, prompt_len, tokenizer, prompt, seed)
     prompt_len = ids.shape[1]
     gen = protocol.generation_config(model, new_tokens, compile)
+    split = len(gpus) > 1
+    processors = [protocol.CudaGraphStep()] if compile and split else []
     used = gpus or ["cpu"]
 
     def measure():
-        return protocol.measure(model, ids, gen, repeats=repeats, warmup=warmup, sync=sync, cuda_devices=gpus)
+        return protocol.measure(model, ids, gen, repeats=repeats, warmup=warmup, sync=sync, cuda_devices=gpus,
+                                processors=processors)
 
     _simulate_load(model, sim, busy=True)
     try:
-        runs, peak = oom.guarded(measure, lambda s: _bench_oom(s, model, batch, prompt_len, new_tokens))
-        on_gpus = any(isinstance(d, int) for d in placement.gpu_map(model).values())
-        steps = timeline.decode_step(model, ids, simulated) if explain and on_gpus else None
+        with split_compile.light_transfers(model) if compile else nullcontext():
+            runs, peak = oom.guarded(measure, lambda s: _bench_oom(s, model, batch, prompt_len, new_tokens))
+            steps = _timeline(model, ids, gen, gpus, processors, simulated) if explain else None
     finally:
         _simulate_load(model, sim, busy=False)
     result = BenchResult(
-        label=label or _label(model, compile, used, simulated),
+        label=label or _label(model, compile, used, simulated) + (f" batch {batch}" if batch > 1 else ""),
         batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
         repeats=repeats, warmup=warmup, compiled=compile, simulated=simulated, devices=used,
         ttft=[r.ttft for r in runs], decode_seconds=[r.decode for r in runs],
         step_latencies=[x for r in runs for x in r.steps], generated_tokens=batch * new_tokens, peak_memory=peak,
         timeline=steps,
     )
-    if explain and on_gpus:
+    if explain and (gpus or simulated):
         result.roofline = roofline.estimate(model, batch, prompt_len, new_tokens, result.decode_tokens_per_s,
                                             simulated)
     return result
+
+
+def _timeline(model, ids, gen, gpus, processors, simulated):
+    """Where one decode step went: the profiler's kernels on GPUs (the measured path itself), the host clock
+    around each placed module on the CPU."""
+    if gpus:
+        profile = step_profile.profile_decode(model, ids, gen, gpus, processors)
+        if profile is None:
+            return None
+        return timeline.from_profile(profile, "kernels the profiler saw in one decode step of the measured path "
+                                              "(CUPTI), on one clock for every GPU")
+    on_gpus = any(isinstance(d, int) for d in placement.gpu_map(model).values())
+    return timeline.decode_step(model, ids, simulated) if on_gpus else None
 
 
 def _simulate_load(model, sim, busy: bool) -> None:

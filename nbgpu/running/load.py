@@ -168,6 +168,9 @@ def _arguments(plan, plan_or_model, sim, user_kwargs):
     import torch
 
     kwargs.setdefault("dtype", getattr(torch, plan.dtype) if isinstance(plan.dtype, str) else plan.dtype)
+    workload = getattr(plan, "workload", None)
+    if workload is not None:
+        kwargs.setdefault("attn_implementation", workload.attention)
     if plan.simulated:  # GPUs that are not here: run on the CPU, keep the plan's placement for the figures
         kwargs["device_map"] = {"": "cpu"}
         kwargs.pop("max_memory", None)

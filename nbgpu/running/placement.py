@@ -83,3 +83,15 @@ def synchronizer(devices: list[int]):
             torch.cuda.synchronize(d)
 
     return sync
+
+
+def cache_argument(model) -> str:
+    """The name a model's forward takes its KV cache by: `cache` in newer transformers, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    """The KV cache a forward returned, under either name."""
+    return output.cache if hasattr(output, "cache") else output.past_key_values

@@ -83,7 +83,7 @@ def estimate(model, batch: int, prompt_len: int, new_tokens: int, measured_token
     weights = placement.bytes_per_device(model, where)
     context = prompt_len + new_tokens // 2
     dtype = dtype_name(next(model.parameters()).dtype)
-    kv_per_layer = memory.estimate(model.config, dtype, batch, context).kv_per_layer  # the planner's rule
+    kv_per_layer, _ = memory.kv_per_layer(model.config, dtype, batch, context)  # the planner's rule
     kv = defaultdict(int)
     for layer, device in enumerate(placement.layer_devices(model, where)):
         kv[device] += kv_per_layer.get(layer, 0)

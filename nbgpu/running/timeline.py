@@ -1,10 +1,13 @@
-"""Which GPU was busy when during one decode step: forward hooks around each placed module record CUDA events
-(host clock on the CPU), and the intervals of each device are merged into busy blocks."""
+"""Which GPU was busy when during one decode step, and where its time went.
+
+On GPUs the timeline comes from the kernels the profiler saw during the measured path itself (eager or compiled,
+`step_profile`); on the CPU (simulated GPUs) forward hooks around each placed module time it with the host clock.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import placement
 
@@ -23,6 +26,7 @@ class Timeline:
     step_ms: float
     simulated: bool
     note: str
+    breakdown: dict = field(default_factory=dict)  # cuda index -> {matrix, communication, other, idle}: ms
 
     def busy(self) -> dict[int, float]:
         """Fraction of the step each GPU was working."""
@@ -34,12 +38,47 @@ class Timeline:
     def __repr__(self) -> str:
         sim = " [simulated — ran on CPU; blocks placed as on the simulated GPUs]" if self.simulated else ""
         busy = ", ".join(f"cuda:{k} {v:.0%}" for k, v in self.busy().items())
-        return f"one decode step: {self.step_ms:.2f} ms; busy {busy}{sim}"
+        parts = [f"one decode step: {self.step_ms:.2f} ms; busy {busy}{sim}"]
+        for device, cats in self.breakdown.items():
+            parts.append(f"cuda:{device} " + ", ".join(f"{k} {v:.2f} ms" for k, v in cats.items()))
+        return "; ".join(parts)
 
     def figure(self):
         from ..views.bench_view import timeline_figure
 
         return timeline_figure(self)
+
+
+def from_profile(profile, note: str, merge_gap_us: float = 2.0) -> Timeline:
+    """A Timeline from a step profile: kernels closer than `merge_gap_us` merged into busy blocks, and per GPU the
+    time in matrix products, communication, other kernels and idle."""
+    intervals: list[Interval] = []
+    for device in sorted(profile.step_us):
+        spans = sorted((s for s in profile.spans if s.device == device), key=lambda s: s.start_us)
+        block: list = []
+        for s in spans:
+            if block and s.start_us - max(b.end_us for b in block) > merge_gap_us:
+                intervals.append(_block(device, block))
+                block = []
+            block.append(s)
+        if block:
+            intervals.append(_block(device, block))
+    breakdown = {}
+    for device, step_us in sorted(profile.step_us.items()):
+        cats = {k: v / 1e3 for k, v in profile.by_category(device).items()}
+        cats["idle"] = max(0.0, step_us - profile.busy_us(device)) / 1e3
+        breakdown[device] = cats
+    step_ms = max(profile.step_us.values(), default=0.0) / 1e3
+    return Timeline(tuple(intervals), step_ms, False, note, breakdown)
+
+
+def _block(device: int, spans) -> Interval:
+    kinds: dict[str, float] = {}
+    for s in spans:
+        kinds[s.category] = kinds.get(s.category, 0.0) + s.end_us - s.start_us
+    what = ", ".join(f"{k} {v / 1e3:.3f} ms" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    end = max(s.end_us for s in spans)
+    return Interval(device, spans[0].start_us / 1e3, end / 1e3, f"{len(spans)} kernels: {what}")
 
 
 def _merge(records) -> list[Interval]:
@@ -74,7 +113,7 @@ def decode_step(model, input_ids, simulated: bool) -> Timeline:
     with torch.no_grad():
         out = model(input_ids=input_ids, use_cache=True)
         next_ids = out.logits[:, -1:].argmax(-1).to(input_ids.device)
-        cache = out.past_key_values
+        cache = placement.cache_of(out)
         del out
         records, handles, pending = [], [], {}
         use_events = bool(real) and not simulated
@@ -104,7 +143,7 @@ def decode_step(model, input_ids, simulated: bool) -> Timeline:
             sync()
             devices = sorted({r for r in (d for _, _, d in _hooked_modules(model, device_map))})
             refs = {d: stamp(d) for d in devices}  # all GPUs idle: these mark the same instant on each
-            model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+            model(input_ids=next_ids, use_cache=True, **{placement.cache_argument(model): cache})
             sync()
         finally:
             for h in handles:

@@ -30,7 +30,7 @@ def placement_traces(plan) -> list[dict]:
         pos += w
     by_dev: dict = {}
     for u, w, s in zip(units, widths, starts):
-        dev = plan._assignment[u.name]
+        dev = plan.assignment[u.name]
         t = by_dev.setdefault(dev, dict(x=[], base=[], text=[]))
         t["x"].append(w)
         t["base"].append(s)
@@ -64,10 +64,15 @@ def bar_inputs(plan):
         "weights": [d.weights for d in plan.devices],
         "KV cache": [d.kv_cache for d in plan.devices],
         "activations": [d.activations for d in plan.devices],
+        "allocator": [d.allocator for d in plan.devices],
         "context": [d.context for d in plan.devices],
-        "others": [d.others for d in plan.devices],
-        "reserve": [d.reserve for d in plan.devices],
     }
+    if any(d.communication for d in plan.devices):
+        segments["communication"] = [d.communication for d in plan.devices]
+    segments["others"] = [d.others for d in plan.devices]
+    if any(d.driver_reserved for d in plan.devices):
+        segments["driver"] = [d.driver_reserved for d in plan.devices]
+    segments["reserve"] = [d.reserve for d in plan.devices]
     return labels, segments, [d.capacity for d in plan.devices]
 
 

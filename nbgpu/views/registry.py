@@ -16,8 +16,11 @@ import importlib
 # (type's module, type's name) -> "nbgpu.views.<module>:<function>"
 HTML: dict[tuple[str, str], str] = {
     ("nbgpu.devices.topology", "Topology"): "nbgpu.views.topology_view:topology_html",
+    ("nbgpu.planning.plan", "Plan"): "nbgpu.views.plan_view:plan_html",
 }
-WIDGET: dict[tuple[str, str], str] = {}
+WIDGET: dict[tuple[str, str], str] = {
+    ("nbgpu.planning.plan", "Plan"): "nbgpu.views.plan_view:display_plan",
+}
 
 
 def _resolve(path: str):
