@@ -286,18 +286,19 @@ def _tensor_plan(path, gpus, weights):
 def test_a_tensor_parallel_plan_loads_through_nbgpu_load_and_its_memory_goes_with_the_handle(llama_path, capsys,
                                                                                               no_process_left):
     sim = devices.simulate("2xL4")
-    gpus = list(sim.read().gpus)
-    planned = [1_000_000, 1_200_000]  # not what the shards take: the report says so
-    with pytest.warns(UserWarning, match="differs from the planned weights"):
-        model = nbgpu.load(_tensor_plan(llama_path, gpus, planned), show=False)
+    plan = nbgpu.plan(llama_path, gpus=2, dtype="float32", parallel="tensor", batch=1, seq_len=64)
+    model = nbgpu.load(plan, show=False)
+    assert isinstance(model, TensorParallelModel)
     err = capsys.readouterr().err
     assert "[rank 0] Loading weights" in err and "[rank 1] Loading weights" not in err  # rank 0's bar only
     report = model.nbgpu_load
-    assert [g.planned_weights for g in report.gpus] == planned and [g.planned_total for g in report.gpus] == \
-        [2 * w for w in planned]
+    planned = [d.weights for d in plan.devices]
+    assert [g.planned_weights for g in report.gpus] == planned
+    assert [g.planned_total for g in report.gpus] == [d.total for d in plan.devices]
+    assert [g.weights for g in report.gpus] == planned and report.warnings == []  # the planner's shard = the load's
     assert [sim.allocated(i) for i in (0, 1)] == planned  # the plan's figures, shown on the simulated GPUs
     assert [g.nvml_process for g in report.gpus] == [w + CONTEXT_BYTES for w in planned]
-    assert len(report.warnings) == 2 and "differs from the planned weights" in report.warnings[0]
+    assert report.plan is plan and report.simulated
     pids = model.pids
     del model, report
     gc.collect()

@@ -180,7 +180,7 @@ def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: 
     if isinstance(model, tensor_parallel.TensorParallelModel):  # runs the same protocol in every worker
         return tensor_parallel.bench(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
                                      repeats=repeats, warmup=warmup, compile=compile, tokenizer=tokenizer,
-                                     prompt=prompt, label=label, seed=seed)
+                                     prompt=prompt, label=label, explain=explain, seed=seed)
 
     sim = devices.simulated()
     simulated = sim is not None or bool(getattr(getattr(model, "nbgpu_load", None), "simulated", False))

@@ -24,7 +24,6 @@ and the handle says so: cancelling there would need every rank to stop inside th
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import itertools
 import os
 import pickle
@@ -134,13 +133,16 @@ class TensorParallelModel:
         peaks = {rank: r["peak"] for rank, r in enumerate(replies) if r["peak"] is not None}
         return replies[0]["runs"], peaks
 
-    def profile_decode(self, ids, *, new_tokens: int = 16, compile: bool = False) -> list:
-        """Per rank, what nbgpu.running.step_profile.profile_decode measures in that worker for one run on `ids`
-        (kernel and op intervals per device with their category)."""
-        self._workers.check_running()
-        if importlib.util.find_spec("nbgpu.running.step_profile") is None:
-            raise UsageError("this version of nbgpu has no step profiler (nbgpu.running.step_profile)")
-        return self._workers.call("profile", ids.cpu(), new_tokens, compile)
+    def profile_decode(self, ids, *, new_tokens: int = 16, compile: bool = False):
+        """One decode step per GPU from the kernels each worker's GPU ran (step_profile.StepProfile, devices = ranks,
+        each rank on its own clock from its step's start); None on simulated GPUs or where CUPTI saw nothing."""
+        from .step_profile import StepProfile
+
+        profiles = self._workers.call("profile", ids.cpu(), new_tokens, compile)
+        if any(p is None for p in profiles):
+            return None
+        return StepProfile(tuple(s for p in profiles for s in p.spans),
+                           {d: us for p in profiles for d, us in p.step_us.items()})
 
     def close(self) -> None:
         """Stop the workers and free their memory (idempotent)."""
@@ -300,10 +302,12 @@ def _report(infos: list, gpu_list: list, plan, spec: dict, simulated: bool, work
 # --- bench ---------------------------------------------------------------------------------------------------
 
 def bench(model: TensorParallelModel, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, warmup: int,
-          compile: bool, tokenizer=None, prompt=None, label=None, seed: int = 0):
-    """`nbgpu.bench` on a tensor-parallel model: the shared protocol in every worker, rank 0's clock."""
+          compile: bool, tokenizer=None, prompt=None, label=None, explain: bool = True, seed: int = 0):
+    """`nbgpu.bench` on a tensor-parallel model: the shared protocol in every worker, rank 0's clock; with
+    `explain`, on GPUs, where one decode step's time went on each GPU (matrix, communication, other, idle)."""
     import torch
 
+    from . import timeline
     from .bench import BenchResult
 
     model._workers.check_running()
@@ -322,15 +326,21 @@ def bench(model: TensorParallelModel, *, batch: int, prompt_len: int, new_tokens
     _simulated_busy(model, True)
     try:
         runs, peaks = model.measure(ids, new_tokens=new_tokens, repeats=repeats, warmup=warmup, compile=compile)
+        profile = model.profile_decode(ids, compile=compile) if explain and not model.simulated else None
     finally:
         _simulated_busy(model, False)
+    steps = None if profile is None else timeline.from_profile(
+        profile, "kernels the profiler saw in one decode step, in each worker (CUPTI); each GPU from its own step's "
+                 "start (one process per GPU, no common clock)")
     where = f"{model.world_size} simulated GPUs" if model.simulated else str(model.world_size)
+    mode = "compiled" if compile else "eager"
     return BenchResult(
-        label=label or f"{model.name} tensor-parallel {where} {'compiled' if compile else 'eager'}",
+        label=label or f"{model.name} tensor-parallel {where} {mode}" + (f" batch {batch}" if batch > 1 else ""),
         batch=batch, prompt_len=ids.shape[1], new_tokens=new_tokens, repeats=repeats, warmup=warmup,
         compiled=compile, simulated=model.simulated, devices=list(range(model.world_size)),
         ttft=[r.ttft for r in runs], decode_seconds=[r.decode for r in runs],
-        step_latencies=[x for r in runs for x in r.steps], generated_tokens=batch * new_tokens, peak_memory=peaks)
+        step_latencies=[x for r in runs for x in r.steps], generated_tokens=batch * new_tokens, peak_memory=peaks,
+        timeline=steps)
 
 
 def _simulated_busy(model: TensorParallelModel, busy: bool) -> None:

@@ -266,10 +266,15 @@ class Worker:
         return {"runs": runs if self.rank == 0 else None, "peak": peak.get(self.rank)}
 
     def profile(self, cancel: CancelPoint, ids, new_tokens: int, compile: bool):
+        """One decode step's kernels on this rank's GPU (step_profile), or None on the CPU."""
         from . import protocol, step_profile
 
+        if not self.on_gpu:
+            return None
         gen = protocol.generation_config(self.model, new_tokens, compile)
-        return step_profile.profile_decode(self.model, self._to_device(ids), gen, self._cuda())
+        processors = [cancel, *([protocol.CudaGraphStep()] if compile else [])]
+        return step_profile.profile_decode(self.model, self._to_device(ids), gen, self._cuda(), processors,
+                                           common_clock=False)  # each rank's own clock: one process per GPU
 
     def release(self) -> None:
         """After a failed command: free what it held (the caches, its tensors)."""
