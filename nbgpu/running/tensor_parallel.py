@@ -107,7 +107,8 @@ class TensorParallelModel:
     def generate(self, input_ids=None, **generate_kwargs):
         """`generate` on every worker with the same inputs; returns rank 0's output (CPU tensors).
 
-        Keyword arguments go to transformers' generate and must be picklable (no streamer: output is shown)."""
+        Keyword arguments go to transformers' generate and must be picklable (no streamer: output is shown). With
+        return_dict_in_generate, the output has no KV cache (each rank's cache holds only its heads)."""
         import torch
 
         self._workers.check_running()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import io
 import os
 import pickle
 import signal
@@ -60,6 +61,17 @@ class CancelPoint:
         return scores
 
 
+class _CPUPickler(pickle.Pickler):
+    """Pickles any GPU tensor as a CPU copy: unpickling a CUDA tensor in the kernel would start CUDA there."""
+
+    def reducer_override(self, obj):
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
+            local = obj.to_local() if hasattr(obj, "to_local") else obj
+            return local.detach().cpu().__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        return NotImplemented
+
+
 class Channel:
     """The worker's end of the command pipe: pickled messages, sent whole by one thread at a time."""
 
@@ -67,9 +79,10 @@ class Channel:
         self.conn, self.lock = conn, threading.Lock()
 
     def send(self, *message) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        buffer = io.BytesIO()
+        _CPUPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
         with self.lock:
-            self.conn.send_bytes(data)
+            self.conn.send_bytes(buffer.getbuffer())
 
     def receive(self) -> bytes:
         return self.conn.recv_bytes()
@@ -291,9 +304,11 @@ def _to_cpu(value):
         local = value.full_tensor() if hasattr(value, "full_tensor") else value
         return local.detach().cpu()
     if isinstance(value, dict):  # ModelOutput is an OrderedDict
-        out = type(value)(**{k: _to_cpu(v) for k, v in value.items()}) if hasattr(value, "to_tuple") \
-            else {k: _to_cpu(v) for k, v in value.items()}
-        return out
+        from transformers.cache_utils import Cache
+
+        # each rank's KV cache holds its own heads only: no use to the kernel
+        items = {k: _to_cpu(v) for k, v in value.items() if not isinstance(v, Cache)}
+        return type(value)(**items) if hasattr(value, "to_tuple") else items
     if isinstance(value, (list, tuple)):
         return type(value)(_to_cpu(v) for v in value)
     return value
