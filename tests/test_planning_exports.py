@@ -1,9 +1,9 @@
-"""Plan exports and views: JSON, a device_map that from_pretrained loads, KTransformers rules, engine settings."""
+"""Plan exports and views: JSON, a device_map that from_pretrained loads, max_memory (the engine exports are checked
+in test_engine_exports.py)."""
 
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
 
@@ -66,36 +66,35 @@ def test_max_memory_is_accepted_by_accelerate():
     p = nbgpu.plan(tiny_llama(), gpus="2x24GiB", cpu_memory="4GiB")
     mm = p.max_memory
     assert set(mm) == {0, 1, "cpu"}
-    assert all(mm[d.cuda_index] >= d.weights for d in p.devices)
+    assert all(d.weights <= mm[d.cuda_index] <= d.capacity for d in p.devices)
     assert get_max_memory(mm) == mm
 
 
-def test_ktransformers_rules_match_every_module_to_its_device():
-    import yaml
+def test_max_memory_holds_the_plans_weights_and_never_exceeds_a_card():
+    """accelerate, given only max_memory, finds room for every weight on the GPUs; no figure is above a card."""
+    from accelerate import infer_auto_device_map
 
-    p = nbgpu.plan(tiny_llama(), gpus="3x24GiB", strategy=[1, 2, 1])
-    rules = yaml.safe_load(p.ktransformers_rules())
-    placed = [r for r in rules if "generate_device" in r["replace"]["kwargs"]]
-    for name, dev in p.device_map.items():
-        hits = [r["replace"]["kwargs"]["generate_device"] for r in placed
-                if re.search(r["match"]["name"], name + ".weight") or re.search(r["match"]["name"], name)]
-        assert hits and set(hits) == {f"cuda:{dev}"}, name
-    transfer = next(r for r in rules if "transfer_map" in r["replace"]["kwargs"])["replace"]["kwargs"]["transfer_map"]
-    assert transfer == {1: "cuda:1", 3: "cuda:2"}
+    cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8)
+    p = nbgpu.plan(cfg, gpus="24GiB,80GiB", batch=8, seq_len=8192)
+    assert p.fits
+    mm = p.max_memory
+    assert all(mm[d.cuda_index] <= d.capacity for d in p.devices)
+    found = infer_auto_device_map(p._meta.model, max_memory={**mm, "cpu": 0},
+                                  no_split_module_classes=p.no_split_modules)
+    assert set(found.values()) <= {0, 1}
 
 
-def test_engine_settings():
-    cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                                   num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8)
-    p = nbgpu.plan(cfg, gpus="4xA100-80GB", batch=1, seq_len=4096)
-    v = p.vllm()
-    assert v["pipeline"]["engine_args"]["pipeline_parallel_size"] == 4
-    assert v["pipeline"]["env"]["VLLM_PP_LAYER_PARTITION"] == ",".join(map(str, p.layer_counts()))
-    # a 70B model does not fit one 80 GB GPU: tensor parallel needs 2 (divides 64 heads and 8 KV heads)
-    assert v["tensor"]["engine_args"]["tensor_parallel_size"] == 2 and v["recommended"] == "tensor"
-    assert p.mlc()["tensor_parallel_shards"] == 2
-    o = p.openllm()
-    assert o["service"]["resources"]["gpu"] == 2 and o["engine_config"]["tensor_parallel_size"] == 2
+def test_max_memory_of_a_plan_that_does_not_fit_is_refused_with_what_is_missing():
+    cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                   num_attention_heads=64, num_key_value_heads=8)
+    p = nbgpu.plan(cfg, gpus="2xL4", batch=1, seq_len=4096)
+    assert not p.fits and all(d.weights > d.capacity for d in p.devices)  # what the old figure gave: above the card
+    before = (p.device_map, [d.total for d in p.devices])
+    with pytest.raises(UsageError, match=r"no max_memory for a plan that does not fit: .* GiB missing \(over: cuda:0 "
+                                         r"= GPU 0 NVIDIA L4 \(simulated\) by .*GiB; cuda:1 .*offload='cpu'"):
+        _ = p.max_memory
+    assert (p.device_map, [d.total for d in p.devices]) == before
 
 
 def test_memory_bars_mark_over_in_red():

@@ -1,6 +1,6 @@
 """Plain-text explanations of a Plan: what each GPU holds and where each figure comes from, why each boundary sits
-where it does (or why a GPU stays empty), what is over, how many GPUs of this size would hold the model, and which
-tensor-parallel size would."""
+where it does (or why a GPU stays empty), what is over, how many GPUs of this size would hold the model, which
+tensor-parallel size would, and what each engine export needs."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from ..devices.calibration import DEFAULT as CALIBRATION
 from ..errors import UsageError
 from ..units import format_size
 from . import strategies, tensor_plan, tp_sizes
+from .positions import beyond
 
 
 def explain(plan) -> str:
     lines = list(plan.summary_lines())
     lines.append("")
+    lines += positions_lines(plan)
     lines.append("Where the figures come from:")
     lines += [f"  {piece}: {source}" for piece, source in plan.estimates.sources.items()]
     lines += [f"Note: {n}" for n in plan.estimates.notes]
@@ -23,13 +25,53 @@ def explain(plan) -> str:
             lines.append(f"{d.label} is over its budget by {format_size(d.over)}: move modules off it "
                          "(plan.move), lower batch or the lengths, or add GPUs.")
     lines += _offload(plan)
-    if plan.exceeds_positions:
-        lines.append(f"{plan.seq_len} tokens (prompt + new) exceed the model's {plan.max_positions} positions: "
-                     "generate past them is undefined for this model; plan a shorter run.")
     lines.append("")
     lines.append(fewest_gpus_text(plan))
     lines.append(tensor_parallel_text(plan))
+    lines += exports_lines(plan)
     return "\n".join(lines)
+
+
+def positions_lines(plan) -> list[str]:
+    """A warning when seq_len is longer than the model's positions (as vLLM derives them)."""
+    pos = beyond(plan)
+    if pos is None:
+        return []
+    return [f"seq_len {plan.seq_len} exceeds the model's positions, {pos}: beyond them the model was not trained "
+            f"(RoPE gives garbage, learned positions have no entry); vLLM refuses --max-model-len above "
+            f"{pos.length}. Plan with seq_len <= {pos.length} (plan.with_batch(seq_len={pos.length})) to export."]
+
+
+def exports_lines(plan) -> list[str]:
+    """Per engine: what its export holds, or what it would need changed (the engine's own limit)."""
+    from .engines import ktransformers, mlc, openllm, vllm
+
+    def vllm_text(v):
+        a, pp = v["engine_args"], v["env"].get("VLLM_PP_LAYER_PARTITION")
+        return (f"--tensor-parallel-size {a['tensor_parallel_size']} --pipeline-parallel-size "
+                f"{a['pipeline_parallel_size']}{f' (VLLM_PP_LAYER_PARTITION={pp})' if pp else ''} "
+                f"--max-model-len {a['max_model_len']}")
+
+    def openllm_text(o):
+        (entry,) = o["recipe"].values()
+        res = entry["service_config"]["resources"]
+        return f"a recipe for {res['gpu']} x {res['gpu_type']}"
+
+    engines = [
+        ("vLLM", vllm.VERSION, lambda: vllm_text(vllm.vllm(plan))),
+        ("MLC-LLM", mlc.VERSION,
+         lambda: '--overrides "' + ";".join(f"{k}={v}" for k, v in mlc.mlc(plan)["overrides"].items()) + '"'),
+        ("KTransformers", ktransformers.VERSION,
+         lambda: f"optimize rules ({ktransformers.ktransformers_rules(plan).count('- match:')} rules)"),
+        ("OpenLLM", "vLLM 0.8.5 under BentoML", lambda: openllm_text(openllm.openllm(plan))),
+    ]
+    lines = ["Exports (each checked against its engine's own rules):"]
+    for name, version, summary in engines:
+        try:
+            lines.append(f"  {name}: {summary()}  [{version}]")
+        except UsageError as err:
+            lines.append(f"  {name}: not exported: {err}")
+    return lines
 
 
 def _room_text(d) -> str:

@@ -1,14 +1,17 @@
-"""A Plan in other tools' terms: JSON (save/load), KTransformers YAML rules, vLLM, MLC-LLM and OpenLLM/BentoML
-settings. `plan.device_map` and `plan.max_memory` are already what transformers/accelerate accept."""
+"""A Plan in other tools' terms: JSON (save/load), accelerate's max_memory, and the engine exports (KTransformers
+rules, vLLM, MLC-LLM and OpenLLM settings; one module each under engines/, each checked against that engine's rules).
+`plan.device_map` is already what transformers/accelerate accept."""
 
 from __future__ import annotations
 
 import json
-import re
 
 from ..devices import GPU
 from ..errors import UsageError
-from .explain import tensor_parallel
+from .engines.ktransformers import ktransformers_rules  # noqa: F401  (Plan's methods import them from here)
+from .engines.mlc import mlc  # noqa: F401
+from .engines.openllm import openllm  # noqa: F401
+from .engines.vllm import vllm  # noqa: F401
 
 FORMAT = "nbgpu-plan/1"
 
@@ -34,7 +37,8 @@ def to_dict(plan) -> dict:
         "gpus": [{"index": g.index, "name": g.name, "uuid": g.uuid, "memory_total": g.memory_total,
                   "memory_used": g.memory_used, "simulated": g.simulated} for g in plan.gpus],
         "device_map": plan.device_map if plan.parallel == "layers" else None,
-        "max_memory": {str(k): v for k, v in plan.max_memory.items()} if plan.parallel == "layers" else None,
+        "max_memory": {str(k): v for k, v in plan.max_memory.items()}
+        if plan.parallel == "layers" and plan.fits else None,
         "fits": plan.fits,
     }
 
@@ -82,93 +86,20 @@ def load(path):
                 assignment=units_from_map(meta, data["device_map"]), raw_map=raw)
 
 
-# --- KTransformers ------------------------------------------------------------------------------------------
+# --- max_memory ---------------------------------------------------------------------------------------------
 
-def _device_name(device) -> str:
-    return f"cuda:{device}" if isinstance(device, int) else "cpu"
+def max_memory(plan) -> dict:
+    """from_pretrained's max_memory for a plan that fits: per GPU the room left for weights (budget less what the
+    plan puts there besides weights and what other processes use), never above the card; and the CPU memory.
+    A plan that does not fit is refused with what it lacks, since any figure for it would exceed a card."""
+    from .engines.common import missing_text
 
-
-def _runs(plan) -> list[tuple[object, list]]:
-    """Consecutive units on one device, in model order: [(device, [units])]."""
-    out: list[tuple[object, list]] = []
-    for u in plan.units:
-        dev = plan.assignment[u.name]
-        if out and out[-1][0] == dev:
-            out[-1][1].append(u)
-        else:
-            out.append((dev, [u]))
+    if not plan.fits:
+        raise UsageError(f"no max_memory for a plan that does not fit: {missing_text(plan)}. Lower batch or seq_len "
+                         "(plan.with_batch), add GPUs, or plan with offload='cpu'")
+    out = {}
+    for d in plan.devices:
+        besides_weights = d.process - d.weights
+        out[d.cuda_index] = min(max(d.weights, d.room - besides_weights), max(0, d.capacity - d.driver_reserved))
+    out["cpu"] = max(plan.cpu_memory, plan.cpu_weights)
     return out
-
-
-def ktransformers_rules(plan) -> str:
-    """KTransformers optimize-rule YAML: one rule per run of modules (regex `match.name` -> device, class
-    "default" keeps the module as it is), plus the model's transfer_map where the hidden states change GPU."""
-    import yaml
-
-    rules, transfer = [], {}
-    for dev, units in _runs(plan):
-        layers = [u.layer for u in units if u.layer is not None]
-        others = [u.name for u in units if u.layer is None]
-        name_res = []
-        if layers:
-            prefix = units[[u.layer is not None for u in units].index(True)].name.rsplit(".", 1)[0]
-            name_res.append(rf"^{re.escape(prefix)}\.({'|'.join(map(str, layers))})\.")
-            if layers[0] != plan.units[[u.layer is not None for u in plan.units].index(True)].layer:
-                transfer[layers[0]] = _device_name(dev)
-        name_res += [rf"^{re.escape(n)}$" for n in others]
-        for pattern in name_res:
-            rules.append({"match": {"name": pattern},
-                          "replace": {"class": "default",
-                                      "kwargs": {"generate_device": _device_name(dev),
-                                                 "prefill_device": _device_name(dev)}}})
-    root = plan.units[0].name.split(".")[0]
-    rules.append({"match": {"name": rf"^{root}$"},
-                  "replace": {"class": "default", "kwargs": {"per_layer_prefill_intput_threshold": 0,
-                                                             "transfer_map": transfer}}})
-    return yaml.safe_dump(rules, sort_keys=False)
-
-
-# --- serving engines ----------------------------------------------------------------------------------------
-
-def _model_arg(plan) -> str:
-    return str(plan.source) if isinstance(plan.source, str) else "<path-to-checkpoint>"
-
-
-def vllm(plan) -> dict:
-    """vLLM engine arguments. Pipeline parallel follows this plan's split (VLLM_PP_LAYER_PARTITION pins the
-    layer counts); where a tensor-parallel size fits on these GPUs, that is offered too, as vLLM prefers it."""
-    counts = [c for c in plan.layer_counts() if c]
-    pp = {"tensor_parallel_size": 1, "pipeline_parallel_size": len(counts), "max_model_len": plan.seq_len,
-          "max_num_seqs": plan.batch, "dtype": plan.dtype}
-    env = {"VLLM_PP_LAYER_PARTITION": ",".join(map(str, counts))} if len(counts) > 1 else {}
-    out = {"pipeline": {"engine_args": pp, "env": env,
-                        "command": " ".join([*(f"{k}={v}" for k, v in env.items()), "vllm serve", _model_arg(plan),
-                                             f"--pipeline-parallel-size {len(counts)}",
-                                             f"--max-model-len {plan.seq_len}", f"--dtype {plan.dtype}"])}}
-    tp = tensor_parallel(plan)
-    if tp is not None and tp <= len(plan.gpus):
-        args = {**pp, "tensor_parallel_size": tp, "pipeline_parallel_size": 1}
-        out["tensor"] = {"engine_args": args, "env": {},
-                         "command": f"vllm serve {_model_arg(plan)} --tensor-parallel-size {tp} "
-                                    f"--max-model-len {plan.seq_len} --dtype {plan.dtype}"}
-    out["recommended"] = "tensor" if "tensor" in out else "pipeline"
-    return out
-
-
-def mlc(plan) -> dict:
-    """MLC-LLM splits by tensor parallelism only: `tensor_parallel_shards`, or None where no size fits."""
-    tp = tensor_parallel(plan)
-    if tp is None:
-        return {"tensor_parallel_shards": None, "note": "no shard count that divides the head counts fits"}
-    return {"tensor_parallel_shards": tp,
-            "command": f"mlc_llm serve {_model_arg(plan)} --overrides \"tensor_parallel_shards={tp}\""}
-
-
-def openllm(plan) -> dict:
-    """A BentoML service deployment (as OpenLLM runs vLLM): GPU resources and the vLLM engine arguments."""
-    v = vllm(plan)
-    chosen = v[v["recommended"]]
-    gpus = chosen["engine_args"]["tensor_parallel_size"] * chosen["engine_args"]["pipeline_parallel_size"]
-    return {"service": {"resources": {"gpu": gpus, "gpu_type": plan.gpus[0].name}, "traffic": {"timeout": 300}},
-            "engine_config": {"model": _model_arg(plan), **chosen["engine_args"]},
-            "envs": [{"name": k, "value": v_} for k, v_ in chosen["env"].items()]}

@@ -68,12 +68,16 @@ class DeviceBudget:
         return f"cuda:{self.cuda_index} = GPU {self.gpu.index} {self.gpu.name or ''}{sim}".rstrip()
 
 
-def resolve_gpus(gpus, visible: list[GPU]) -> list[GPU]:
-    """None: the visible GPUs (cuda:N order); an int: the first N of them; a simulate spec ('2x24GiB',
-    '24GiB,80GiB', 'A100-80GB'); or a list of inventory GPUs and/or sizes ('24GiB', 80e9)."""
+def resolve_gpus(gpus, visible: list[GPU] | None = None) -> list[GPU]:
+    """None: the visible GPUs (cuda:N order; `visible`, else read now); an int: the first N of them; a simulate spec
+    ('2x24GiB', '24GiB,80GiB', 'A100-80GB'); or a list of inventory GPUs and/or sizes ('24GiB', 80e9)."""
     from ..devices.simulated import SimulatedGPUs
 
     if gpus is None or (isinstance(gpus, int) and not isinstance(gpus, bool)):
+        if visible is None:
+            from ..visibility import current
+
+            visible = [t.gpu for t in current().targets]
         if gpus is None:
             if not visible:
                 raise UsageError("no GPU is visible to plan for: pass gpus='2x24GiB' (or a list of sizes) to plan "
@@ -188,14 +192,12 @@ class Plan:
 
     @property
     def max_memory(self) -> dict:
-        """Room for weights per GPU (what the plan places there, never above the card), plus the CPU."""
+        """Room for weights per GPU (what the plan places there, never above the card), plus the CPU; refused
+        (UsageError, with what is missing) for a plan that does not fit."""
         self._layers_only("max_memory")
-        out = {}
-        for d in self.devices:
-            rest = d.process - d.weights
-            out[d.cuda_index] = min(max(d.weights, d.room - rest), max(0, d.capacity - d.driver_reserved))
-        out["cpu"] = max(self.cpu_memory, self.cpu_weights)
-        return out
+        from .exports import max_memory
+
+        return max_memory(self)
 
     @property
     def fits(self) -> bool:
@@ -448,10 +450,10 @@ class Plan:
 
         return mlc(self)
 
-    def openllm(self) -> dict:
+    def openllm(self, gpu_type: str | None = None) -> dict:
         from .exports import openllm
 
-        return openllm(self)
+        return openllm(self, gpu_type)
 
     # --- text ----------------------------------------------------------------------------------------------
     def summary_lines(self) -> list[str]:

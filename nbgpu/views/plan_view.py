@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from html import escape
 
+from ..planning.positions import beyond
 from ..units import GiB
 from .memory_bars import _PALETTE, memory_bars
 
@@ -92,8 +93,11 @@ def status_html(plan) -> str:
         text, color = f"does not fit: {format_size(plan.missing())} missing", "#D62728"
     sim = "<b style='color:#b45309'>SIMULATED GPUs</b> &middot; " if plan.simulated else ""
     counts = ", ".join(f"cuda:{i}: {c}" for i, c in enumerate(plan.layer_counts()))
+    pos = beyond(plan)
+    warn = "" if pos is None else (f"<br><b style='color:#b45309'>seq_len {plan.seq_len} exceeds the model's "
+                                   f"positions, {escape(str(pos))}: engines refuse it (see the explanation)</b>")
     return (f"<div>{sim}<b>{escape(plan.summary_lines()[0].removeprefix('[simulated GPUs] '))}</b><br>"
-            f"layers per GPU: {counts} &middot; <b style='color:{color}'>{escape(text)}</b></div>")
+            f"layers per GPU: {counts} &middot; <b style='color:{color}'>{escape(text)}</b>{warn}</div>")
 
 
 def plan_html(plan, include_plotlyjs="cdn") -> str:
