@@ -183,14 +183,13 @@ class Workers:
     def _send_all(self, command) -> None:
         """Send from a helper thread: an Interrupt cannot leave one rank with the command and another without."""
         data = pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL)
-        errors = []
 
         def send():
             for conn in self.conns:
                 try:
                     conn.send_bytes(data)
-                except OSError as exc:
-                    errors.append(exc)
+                except OSError:  # that worker has ended: the reader thread reports its exit
+                    pass
 
         sender = threading.Thread(target=send, daemon=True, name="nbgpu-tp-send")
         sender.start()
@@ -201,6 +200,12 @@ class Workers:
                 self._interrupted = True
 
     def _collect(self, command) -> list:
+        try:
+            return self._collect_replies(command)
+        finally:
+            self._show_partial()
+
+    def _collect_replies(self, command) -> list:
         self._interrupted = False
         if command is not None:
             self._send_all(command)
@@ -233,7 +238,6 @@ class Workers:
                     raise
                 self._interrupted = True
                 cancel_step, deadline = self._cancel(), time.monotonic() + CANCEL_GRACE_S
-        self._show_partial()
         return self._results([replies[r] for r in range(self.n)], cancel_step, loading)
 
     def _results(self, replies: list, cancel_step, loading: bool) -> list:
