@@ -17,7 +17,9 @@ generated token passes a check that counts tokens per rank in shared memory; on 
 same lock, a stop count one past the furthest rank, and every rank raises at exactly that token, with no collective
 left half-done. The handle stays usable and the KeyboardInterrupt is re-raised. Where no rank reaches a token within
 `tp_processes.CANCEL_GRACE_S` (loading, compiling, a long prefill) or on a second Interrupt, the workers are stopped
-and the handle says so: cancelling there would need every rank to stop inside the same kernel, which it cannot.
+and the handle says so: cancelling there would need every rank to stop inside the same GPU operation, which none can.
+Likewise a rank that raises while the others wait for it in a collective: after `tp_processes.ERROR_GRACE_S` every
+worker is stopped and the error is shown; an error every rank raises alike (a bad argument) leaves the model usable.
 `PR_SET_PDEATHSIG` follows the thread that started the workers: load from the notebook's main thread (as cells run).
 """
 
