@@ -13,7 +13,7 @@ import uuid as uuidlib
 
 from ..errors import UsageError
 from ..units import GiB, SizeError, format_size, parse_size
-from . import specs
+from . import published, specs
 from .model import GPU, GPUProcess, Inventory
 
 # What a CUDA context and framework workspace (cuBLAS, allocator slack) cost a process on a real GPU: 0.68 GiB
@@ -71,6 +71,7 @@ class SimulatedGPUs:
     def allocate(self, index: int, nbytes: int) -> None:
         with self._lock:
             self._allocated[index] = self._allocated.get(index, 0) + int(nbytes)
+        published.changed()
 
     def release(self, index: int | None = None) -> None:
         with self._lock:
@@ -78,14 +79,22 @@ class SimulatedGPUs:
                 self._allocated.clear()
             else:
                 self._allocated.pop(index, None)
+        published.changed()
 
     def set_utilization(self, index: int, percent: int) -> None:
         with self._lock:
             self._utilization[index] = percent
+        published.changed()
 
     def allocated(self, index: int) -> int:
         with self._lock:
             return self._allocated.get(index, 0)
+
+    def state(self) -> dict[str, dict[int, int]]:
+        """What this process placed on each GPU and the utilisation it set (what a kernel publishes)."""
+        with self._lock:
+            return {"allocated": {i: b for i, b in self._allocated.items() if b},
+                    "utilization": dict(self._utilization)}
 
     def __len__(self) -> int:
         return len(self._devices)
