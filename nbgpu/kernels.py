@@ -14,7 +14,8 @@ is asked only when a process on a GPU runs under a kernel it does not know yet. 
 file and its process belong to this user. The server's token goes into the Authorization header of these requests
 and nowhere else: never into a URL, an object, a message or a log.
 
-No jupyter_server import (2-3 s): the runtime directory is read here.
+No jupyter_server import (2-3 s; its `list_running_servers` also deletes files): the runtime directory is read
+here. urllib is imported only when a server is asked.
 """
 
 from __future__ import annotations
@@ -22,11 +23,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +138,9 @@ def servers(directory: Path | str | None = None) -> list[Server]:
 
 
 def _get(server: Server, endpoint: str, timeout: float):
+    import ssl
+    import urllib.request  # here, not at import: `import nbgpu` stays cheap
+
     request = urllib.request.Request(server.url + endpoint, headers={"Accept": "application/json"})
     if server.token:
         request.add_unredirected_header("Authorization", f"token {server.token}")
@@ -215,6 +216,8 @@ class ServerDirectory:
 
 
 def _reason(err: Exception) -> str:
+    import urllib.error
+
     if isinstance(err, urllib.error.HTTPError):
         return f"HTTP {err.code} {err.reason}"  # never the URL's query or the headers
     if isinstance(err, urllib.error.URLError):

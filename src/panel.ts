@@ -185,7 +185,10 @@ export class GPUPanel extends Widget {
     card.dataset.gpu = String(gpu.index);
     const alias = current?.visible.devices.find(d => d.gpu === gpu.index);
     const head = el('div', 'jp-nbgpu-gpu-head');
-    const name = `GPU ${gpu.index} · ${gpu.name || 'n/a'}${gpu.simulated ? ' (simulated)' : ''}`;
+    const named = gpu.name || 'n/a';
+    const simulated =
+      gpu.simulated && !/simulated/i.test(named) ? ' (simulated)' : '';
+    const name = `GPU ${gpu.index} · ${named}${simulated}`;
     head.appendChild(el('span', 'jp-nbgpu-gpu-name', name));
     if (alias) {
       const tag = el('span', 'jp-nbgpu-alias', `cuda:${alias.cuda}`);
@@ -251,20 +254,27 @@ export class GPUPanel extends Widget {
       `${where} · kernel ${k?.name || ''} ${h.kernelId}` +
       ` · pid ${h.pids.join(', ')}` +
       (k && !k.this_server ? ' · a kernel of another of your servers' : '');
-    row.appendChild(label);
-    row.appendChild(el('span', 'jp-nbgpu-memory', formatBytes(h.bytes)));
+    const line = el('div', 'jp-nbgpu-line');
+    line.appendChild(label);
+    line.appendChild(el('span', 'jp-nbgpu-memory', formatBytes(h.bytes)));
+    row.appendChild(line);
+    const actions = el('div', 'jp-nbgpu-actions');
+    if (k && !k.this_server) {
+      actions.appendChild(el('span', 'jp-nbgpu-note', 'another of your servers'));
+    }
     if (k?.this_server) {
       if (k.path && k.session_type !== 'console') {
         const open = el('button', 'jp-nbgpu-open jp-mod-styled', 'open');
         open.title = `open ${k.path}`;
         open.onclick = () => this._actions.open(k.path as string);
-        row.appendChild(open);
+        actions.appendChild(open);
       }
-      const stop = el('button', 'jp-nbgpu-shutdown jp-mod-styled', 'shut down');
+      const stop = el('button', 'jp-nbgpu-shutdown jp-mod-styled', 'shut down kernel');
       stop.title = 'shut down this kernel (frees its GPU memory)';
       stop.onclick = () => void this._confirmShutdown(k);
-      row.appendChild(stop);
+      actions.appendChild(stop);
     }
+    row.appendChild(actions);
     return row;
   }
 

@@ -16,6 +16,11 @@ export function describe(kernel: IKernel | null, gpuCount: number): string {
   if (!v.devices.length) {
     return gpuCount ? 'no GPU' : '';
   }
+  if (v.devices.length > 3) {
+    const all = v.value === null && v.devices.length === gpuCount;
+    const which = v.devices.map(d => d.gpu).join(',');
+    return all ? `all ${gpuCount} GPUs` : `${v.devices.length} GPUs (${which})`;
+  }
   return v.devices.map(d => `cuda:${d.cuda} → GPU ${d.gpu}`).join(', ');
 }
 

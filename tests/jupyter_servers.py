@@ -86,16 +86,16 @@ def run(client, code: str, timeout: float = 60) -> str:
 
 
 def start(root: Path, env: dict[str, str] | None = None, app: str = "jupyter_server",
-          extra: tuple[str, ...] = ()) -> RunningServer:
+          extra: tuple[str, ...] = (), python: str = sys.executable, inherit_env: bool = True) -> RunningServer:
     """Start `python -m jupyter_server` (or jupyterlab) in `root` with its own runtime directory; wait until it
     answers and has written its runtime file."""
     port, token = free_port(), secrets.token_hex(16)
     runtime = root / ".runtime"
     runtime.mkdir(parents=True, exist_ok=True)
     log = root / f"{app}.log"
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), **(env or {})}
+    env = {**(os.environ if inherit_env else {}), **(env or {}), "JUPYTER_RUNTIME_DIR": str(runtime)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", app, "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+        [python, "-m", app, "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
          f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False", f"--ServerApp.root_dir={root}",
          "--ServerApp.port_retries=0", *(["--allow-root"] if os.geteuid() == 0 else []), *extra],
         cwd=root, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
