@@ -188,10 +188,15 @@ class ServerDirectory:
             known = {k.id for _, ks in self._kernels.values() for k in ks}
             missing = {k for k in wanted if k not in known and now - self._unknown.get(k, -self.max_age)
                        >= self.max_age}
+            fresh = [ks for t, ks in self._kernels.values() if now - t < self.max_age]
+            if not refresh and not missing and fresh and len(fresh) == len(self._kernels):
+                return [k for ks in fresh for k in ks]  # every answer is recent: no need to list the servers
             out: list[Kernel] = []
-            for server in servers(self.directory):
-                if server.pid == self.exclude_pid:
-                    continue
+            listed = [s for s in servers(self.directory) if s.pid != self.exclude_pid]
+            for url in (set(self._kernels) | set(self.errors)) - {s.url for s in listed}:
+                self._kernels.pop(url, None)  # a server that stopped
+                self.errors.pop(url, None)
+            for server in listed:
                 cached = self._kernels.get(server.url)
                 if cached is not None and not refresh and not missing and now - cached[0] < self.max_age:
                     out += cached[1]
@@ -249,6 +254,22 @@ class _Lineage:
     user: str | None
 
 
+def _start_time(pid: int) -> float | None:
+    """When the process started (a cheap identity for the cache): /proc's clock ticks on Linux, else psutil's."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return float(f.read().rsplit(b")", 1)[1].split()[19])  # field 22; the name may hold spaces or ')'
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None  # Linux, and the process is gone
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
 class ProcessIndex:
     """Reads a process's parents and command line once per process (a pid's parents never change)."""
 
@@ -257,14 +278,16 @@ class ProcessIndex:
         self._cache: dict[tuple[int, float], _Lineage] = {}
 
     def lineage(self, pid: int) -> _Lineage:
-        try:
-            proc = psutil.Process(pid)
-            key = (pid, proc.create_time())
-        except psutil.Error:
+        key = (pid, _start_time(pid))  # a pid reused by a new process is another key
+        if key[1] is None:
             return _Lineage(((pid, None),), None, None)
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
+        try:
+            proc = psutil.Process(pid)
+        except psutil.Error:
+            return _Lineage(((pid, None),), None, None)
         chain = []
         command = user = None
         current: psutil.Process | None = proc
@@ -302,12 +325,15 @@ def attribute(pids: Iterable[int], kernels: Iterable[Kernel], index: ProcessInde
               ) -> dict[int, ProcessOwner]:
     """Each pid's owner among `kernels`: the nearest kernel up its parents, else its command line."""
     index = index or _index
+    return _attribute({pid: index.lineage(pid) for pid in pids}, kernels)
+
+
+def _attribute(lines: dict[int, _Lineage], kernels: Iterable[Kernel]) -> dict[int, ProcessOwner]:
     kernels = list(kernels)
     by_pid = {k.pid: k for k in kernels if k.pid is not None}
     by_id = {k.id: k for k in kernels}
     out = {}
-    for pid in pids:
-        line = index.lineage(pid)
+    for pid, line in lines.items():
         owner = ProcessOwner(pid, command=line.command, user=line.user)
         for ancestor, kernel_id in line.chain:
             kernel = by_pid.get(ancestor) or (by_id.get(kernel_id) if kernel_id else None)
@@ -321,7 +347,11 @@ def attribute(pids: Iterable[int], kernels: Iterable[Kernel], index: ProcessInde
 def kernel_ids_among(pids: Iterable[int], index: ProcessIndex | None = None) -> set[str]:
     """The kernel ids on the command lines of these processes and their parents."""
     index = index or _index
-    return {kid for pid in pids for _, kid in index.lineage(pid).chain if kid}
+    return _kernel_ids([index.lineage(pid) for pid in pids])
+
+
+def _kernel_ids(lines: Iterable[_Lineage]) -> set[str]:
+    return {kid for line in lines for _, kid in line.chain if kid}
 
 
 def directory() -> ServerDirectory:
@@ -337,10 +367,10 @@ def owners(pids: Iterable[int], servers_of: ServerDirectory | None = None) -> di
 
     Never raises for a process that vanished or a server that does not answer: what is not known stays unnamed.
     """
-    pids = sorted(set(pids))
-    wanted = kernel_ids_among(pids)
+    lines = {pid: _index.lineage(pid) for pid in sorted(set(pids))}
+    wanted = _kernel_ids(lines.values())
     kernels = (servers_of or directory()).kernels(wanted) if wanted else []
-    return attribute(pids, kernels)
+    return _attribute(lines, kernels)
 
 
 __all__ = ["Kernel", "ProcessIndex", "ProcessOwner", "Server", "ServerDirectory", "attribute", "directory",

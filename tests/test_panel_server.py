@@ -178,3 +178,15 @@ def test_shutting_down_a_kernel_frees_its_simulated_memory(server, notebooks):
     assert gpu2["processes"] == [] and gpu2["memory_used"] == 0 and gpu2["memory_free"] == 24 * GiB
     assert b["kernel"] not in body["kernels"] and notebooks["a"]["kernel"] in body["kernels"]
     assert not (server.runtime_dir / "nbgpu" / f"kernel-{b['pid']}.json").exists()
+
+
+def test_an_unreadable_simulate_spec_is_reported_not_fatal(monkeypatch):
+    import logging
+
+    from nbgpu.server.handlers import _simulate_spec
+
+    monkeypatch.setenv("NBGPU_SIMULATE", "4xbogus")
+    spec, notes = _simulate_spec(logging.getLogger("nbgpu-test"))
+    assert spec is None and notes[0].startswith("NBGPU_SIMULATE='4xbogus' is ignored: cannot read '4xbogus'")
+    monkeypatch.setenv("NBGPU_SIMULATE", "2xA100-80GB")
+    assert _simulate_spec(logging.getLogger("nbgpu-test")) == ("2xA100-80GB", [])

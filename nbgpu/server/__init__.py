@@ -15,7 +15,7 @@ from .handlers import setup_handlers
 
 
 def _load_jupyter_server_extension(server_app) -> None:
-    setup_handlers(server_app.web_app)
+    setup_handlers(server_app.web_app, server_app.log)
     server_app.log.info("nbgpu: GPU panel endpoints at %snbgpu/api", server_app.web_app.settings["base_url"])
 
 

@@ -14,6 +14,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from .. import kernels
+from ..devices import SimulateSpecError, parse_simulate_spec
 from ..occupancy import occupancy
 
 AUTH_RESOURCE = "kernels"
@@ -60,7 +61,9 @@ class GPUsHandler(_Handler):
         own = await own_kernels(self.kernel_manager, self.session_manager, "", self.panel["user"])
         found = await asyncio.get_running_loop().run_in_executor(
             None, lambda: occupancy(own, simulate=self.panel["simulate"], others=self.panel["others"]))
-        self.finish(json.dumps(found.to_json()))
+        body = found.to_json()
+        body["notes"] = self.panel["notes"] + body["notes"]
+        self.finish(json.dumps(body))
 
 
 class KernelHandler(_Handler):
@@ -80,7 +83,20 @@ class KernelHandler(_Handler):
         self.finish()
 
 
-def setup_handlers(web_app) -> None:
+def _simulate_spec(log) -> tuple[str | None, list[str]]:
+    """NBGPU_SIMULATE, when set and readable; a spec it cannot read is reported in the panel, not a crash."""
+    spec = os.environ.get("NBGPU_SIMULATE") or None
+    if spec is None:
+        return None, []
+    try:
+        parse_simulate_spec(spec)
+    except SimulateSpecError as err:
+        log.warning("nbgpu: NBGPU_SIMULATE=%r is ignored: %s", spec, err)
+        return None, [f"NBGPU_SIMULATE={spec!r} is ignored: {err}"]
+    return spec, []
+
+
+def setup_handlers(web_app, log) -> None:
     import psutil
 
     base = web_app.settings["base_url"]
@@ -88,8 +104,10 @@ def setup_handlers(web_app) -> None:
         user = psutil.Process().username()
     except (psutil.Error, KeyError):
         user = None
+    spec, notes = _simulate_spec(log)
     web_app.settings["nbgpu"] = {
-        "simulate": os.environ.get("NBGPU_SIMULATE") or None,
+        "simulate": spec,
+        "notes": notes,
         "others": kernels.ServerDirectory(exclude_pid=os.getpid()),  # this user's other servers, over REST
         "user": user,
     }
