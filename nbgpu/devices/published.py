@@ -33,6 +33,7 @@ _provider: Callable[[], dict[str, Any]] | None = None
 _lock = threading.Lock()
 _written: Path | None = None
 _closed = False
+_swept = False
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def changed() -> None:
         me = psutil.Process()
         state.update(format=FORMAT, pid=me.pid, started=me.create_time(), kernel_id=kernel_id or None,
                      time=time.time())
-        write(state)
+        if write(state) is not None and not _swept:
+            _sweep()
     except Exception:  # the panel's view of a kernel is never worth breaking the kernel's own work
         return
 
@@ -114,6 +116,13 @@ def write(state: dict[str, Any], where: Path | None = None) -> Path | None:
         if state["pid"] == os.getpid():
             _written = target
         return target
+
+
+def _sweep() -> None:
+    """Once per kernel: delete the files of kernels that were killed (a killed process leaves its file behind)."""
+    global _swept
+    _swept = True
+    read_all()
 
 
 def _remove_own() -> None:
