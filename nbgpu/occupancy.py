@@ -17,6 +17,7 @@ import psutil
 from . import devices, kernels, visibility
 from .devices import Inventory
 from .devices.published import KernelState
+from .devices.simulated import SimulatedGPUs
 from .devices.simulated_shared import pick_spec, simulated_inventory
 
 
@@ -86,6 +87,8 @@ def _view(kernel: kernels.Kernel, this_server: bool, state: KernelState | None, 
         env, readable = _environment(kernel.pid)
         value, order = env.get(visibility.VISIBLE), env.get(visibility.ORDER)
         source = "environment" if readable else "unknown"
+    if state is not None and state.simulate:  # the kernel's GPUs are its own simulated ones, whatever is shown
+        inv = SimulatedGPUs(state.simulate).read()
     mapping = tuple((n, t.gpu.index) for n, t in enumerate(visibility.targets_for(value, inv))) \
         if source != "unknown" else ()
     return KernelView(kernel, this_server, value, order, source, mapping, state.simulate if state else None)

@@ -183,7 +183,11 @@ export class GPUPanel extends Widget {
   ): HTMLElement {
     const card = el('div', 'jp-nbgpu-gpu');
     card.dataset.gpu = String(gpu.index);
-    const alias = current?.visible.devices.find(d => d.gpu === gpu.index);
+    // a kernel that simulates GPUs on a server showing real ones (or the reverse) sees none of these
+    const sameKind = !!current && !!current.simulate === data.simulated;
+    const alias = sameKind
+      ? current?.visible.devices.find(d => d.gpu === gpu.index)
+      : undefined;
     const head = el('div', 'jp-nbgpu-gpu-head');
     const named = gpu.name || 'n/a';
     const simulated =

@@ -56,7 +56,7 @@ export class GPUStatus extends Widget {
     const data = this._model.occupancy;
     const kernel = this._model.currentKernel;
     const text = data ? describe(kernel, data.gpus.length) : '';
-    const sim = data?.simulated && text ? ' (simulated)' : '';
+    const sim = (kernel?.simulate || data?.simulated) && text ? ' (simulated)' : '';
     this.node.textContent = text ? `${text}${sim}` : 'GPUs';
     this.node.title = kernel
       ? `GPUs of ${kernel.path || 'this kernel'}: CUDA_VISIBLE_DEVICES=` +

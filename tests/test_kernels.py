@@ -29,7 +29,7 @@ class _Recorder(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 - http.server's name
         self.server.seen.append((self.path, self.headers.get("Authorization")))
-        body = b"[]"
+        body = json.dumps(self.server.answers.get(self.path, [])).encode()
         self.send_response(self.server.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -44,7 +44,7 @@ class _Recorder(BaseHTTPRequestHandler):
 def recorder():
     """A local HTTP server that records every request it gets (path, Authorization header)."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    httpd.seen, httpd.status = [], 200
+    httpd.seen, httpd.status, httpd.answers = [], 200, {}
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -207,3 +207,77 @@ def test_kernels_that_simulate_the_same_gpus_share_them():
     assert (g0.utilization, g1.utilization, g2.memory_used, g2.processes) == (30, 50, 0, ())
     assert "12" in inv.message and "2xA100-80GB" in inv.message  # simulates other GPUs: named, not shown
     assert pick_spec(states) == "2xA100-80GB"  # the last kernel to publish
+
+
+# --- what the server shows -------------------------------------------------------------------------------
+
+def test_the_server_shows_real_gpus_and_a_simulating_kernels_own_choice(fake_nvml):
+    import fake_pynvml
+
+    from nbgpu.occupancy import occupancy
+
+    kernel, stranger = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", tag])
+                        for tag in ("kernel", "stranger"))
+    try:
+        fake_nvml([fake_pynvml.FakeGPU(uuid=fake_pynvml.uuid(0), compute=[(kernel.pid, GiB // 2)]),
+                   fake_pynvml.FakeGPU(uuid=fake_pynvml.uuid(1), compute=[(stranger.pid, GiB)])])
+        me = kernels.Kernel(id=KERNEL_ID, name="python3", path="a.ipynb", server="", pid=kernel.pid)
+        states = {kernel.pid: KernelState(kernel.pid, KERNEL_ID, "3", "PCI_BUS_ID", "4x24GiB", {3: GiB})}
+        found = occupancy([me], states=states).to_json()
+    finally:
+        for p in (kernel, stranger):
+            p.kill()
+            p.wait()
+    assert (found["backend"], found["simulated"], len(found["gpus"])) == ("nvml", False, 2)
+    assert [(p["pid"], p["kernel"], p["memory"]) for p in found["gpus"][0]["processes"]] == [
+        (kernel.pid, KERNEL_ID, GiB // 2)]
+    (proc,) = found["gpus"][1]["processes"]
+    assert (proc["pid"], proc["kernel"], proc["memory"]) == (stranger.pid, None, GiB)
+    assert proc["command"].endswith("time.sleep(60) stranger")
+    view = found["kernels"][KERNEL_ID]
+    # cuda:0 is GPU 3 of the kernel's own simulated 4x24GiB, which this machine does not have
+    assert view["simulate"] == "4x24GiB" and view["visible"]["devices"] == [{"cuda": 0, "gpu": 3}]
+
+
+def test_without_an_nvidia_gpu_the_server_shows_what_kernels_simulate(fake_nvml):
+    from nbgpu.occupancy import occupancy
+
+    fake_nvml([])
+    me = kernels.Kernel(id=KERNEL_ID, name="python3", path="a.ipynb", server="", pid=os.getpid())
+    states = {os.getpid(): KernelState(os.getpid(), KERNEL_ID, "1", "PCI_BUS_ID", "2x24GiB", {1: 2 * GiB})}
+    found = occupancy([me], states=states).to_json()
+    assert (found["simulated"], found["simulate"], len(found["gpus"])) == (True, "2x24GiB", 2)
+    (proc,) = found["gpus"][1]["processes"]
+    assert (proc["pid"], proc["kernel"], proc["memory"]) == (os.getpid(), KERNEL_ID, 2 * GiB + CONTEXT_BYTES)
+    assert found["kernels"][KERNEL_ID]["visible"] == {"value": "1", "order": "PCI_BUS_ID", "from": "kernel",
+                                                      "devices": [{"cuda": 0, "gpu": 1}]}
+
+
+def test_gpus_and_the_monitor_name_the_notebook_of_a_kernels_process(tmp_path, recorder, fake_nvml, monkeypatch):
+    import fake_pynvml
+
+    from nbgpu import gpus, monitoring
+    from nbgpu.views.monitor_view import _process_table
+
+    recorder.answers = {
+        "/api/sessions": [{"id": "s1", "path": "work/m.ipynb", "type": "notebook",
+                           "kernel": {"id": KERNEL_ID, "name": "python3"}}],
+        "/api/kernels": [{"id": KERNEL_ID, "name": "python3", "execution_state": "idle"}]}
+    _server_file(tmp_path, "1", f"http://127.0.0.1:{recorder.server_port}/", os.getpid())
+    monkeypatch.setattr(kernels, "_directory", kernels.ServerDirectory(tmp_path))
+    fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "-f", f"/tmp/runtime/kernel-{KERNEL_ID}.json"])
+    try:
+        fake_nvml([fake_pynvml.FakeGPU(uuid=fake_pynvml.uuid(0), compute=[(fake.pid, 2 * GiB)])],
+                  names={fake.pid: "python"})
+        table = repr(gpus())
+        sample = monitoring.Sampler().poll()
+    finally:
+        fake.kill()
+        fake.wait()
+    assert f"{fake.pid} work/m.ipynb (python3) compute 2048 MiB" in table
+    assert sample.owners[fake.pid].kernel.path == "work/m.ipynb"
+    lines = monitoring.sample_lines(sample)  # the process is this test's child, so "this kernel" too
+    assert f"    pid {fake.pid} (this kernel) python [work/m.ipynb (python3)] 2048 MiB" in lines
+    assert "work/m.ipynb (python3)" in _process_table(sample)
+    assert sorted(p for p, _ in recorder.seen) == ["/api/kernels", "/api/sessions"]  # asked once, then cached
