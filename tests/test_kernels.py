@@ -281,3 +281,10 @@ def test_gpus_and_the_monitor_name_the_notebook_of_a_kernels_process(tmp_path, r
     assert f"    pid {fake.pid} (this kernel) python [work/m.ipynb (python3)] 2048 MiB" in lines
     assert "work/m.ipynb (python3)" in _process_table(sample)
     assert sorted(p for p, _ in recorder.seen) == ["/api/kernels", "/api/sessions"]  # asked once, then cached
+
+
+def test_import_nbgpu_imports_no_server_and_no_http_client():
+    code = ("import sys, nbgpu; print(sorted({'jupyter_server', 'tornado', 'urllib.request', 'jupyter_core'} "
+            "& set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
