@@ -275,14 +275,17 @@ export class GPUPanel extends Widget {
       }
       const stop = el('button', 'jp-nbgpu-shutdown jp-mod-styled', 'shut down kernel');
       stop.title = 'shut down this kernel (frees its GPU memory)';
-      stop.onclick = () => void this._confirmShutdown(k);
+      stop.onclick = () => void this._confirmShutdown(k, stop);
       actions.appendChild(stop);
     }
     row.appendChild(actions);
     return row;
   }
 
-  private async _confirmShutdown(kernel: IKernel): Promise<void> {
+  private async _confirmShutdown(
+    kernel: IKernel,
+    button: HTMLButtonElement
+  ): Promise<void> {
     const where = kernel.path || `kernel ${kernel.id}`;
     const result = await showDialog({
       title: 'Shut down kernel?',
@@ -295,6 +298,8 @@ export class GPUPanel extends Widget {
       ]
     });
     if (result.button.accept) {
+      button.disabled = true;
+      button.textContent = 'shutting down…';
       await this._actions.shutdown(kernel);
     }
   }
