@@ -1,12 +1,14 @@
-"""`nbgpu.gpus()`: the inventory as a table, marking which GPUs this kernel sees and their cuda:N alias."""
+"""`nbgpu.gpus()`: the inventory as a table, marking which GPUs this kernel sees and their cuda:N alias, and naming
+the notebook behind each process that is a Jupyter kernel (`nbgpu.kernels`)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from html import escape
 
-from . import devices, visibility
+from . import devices, kernels, visibility
 from .devices import GPU, Inventory
 from .units import format_size
 
@@ -25,10 +27,17 @@ def _memory(g: GPU) -> str:
     return f"{format_size(g.memory_used)} / {format_size(g.memory_total, digits=0)}"
 
 
-def _processes(g: GPU, own_pid: int) -> list[str]:
+def _who(p, owners: Mapping[int, kernels.ProcessOwner]) -> str:
+    """The notebook of a kernel's process, else its command line, else NVML's process name."""
+    owner = owners.get(p.pid)
+    label = (owner.label if owner else None) or p.name or "n/a"
+    return label if len(label) <= 80 else label[:79] + "…"
+
+
+def _processes(g: GPU, own_pid: int, owners: Mapping[int, kernels.ProcessOwner]) -> list[str]:
     if g.processes is None:
         return ["n/a"]
-    return [f"{p.pid}{' (this kernel)' if p.pid == own_pid else ''} {p.name or 'n/a'} {p.kind} "
+    return [f"{p.pid}{' (this kernel)' if p.pid == own_pid else ''} {_who(p, owners)} {p.kind} "
             f"{format_size(p.used_memory, 'MiB', 0)}" for p in g.processes]
 
 
@@ -36,13 +45,13 @@ COLUMNS = ["GPU", "cuda", "name", "UUID", "bus id", "memory used/total", "util",
            "persist", "cc", "MIG", "processes"]
 
 
-def _row(g: GPU, alias: str | None, own_pid: int) -> list[str]:
+def _row(g: GPU, alias: str | None, own_pid: int, owners: Mapping[int, kernels.ProcessOwner]) -> list[str]:
     power = "n/a" if g.power_draw is None else f"{g.power_draw:.0f} / {_na(g.power_limit, '{:.0f}')} W"
     return [
         str(g.index), alias or "-", g.name or "n/a", g.uuid or "n/a", g.pci_bus_id or "n/a", _memory(g),
         _na(g.utilization, "{}%"), _na(g.temperature, "{}C"), power, g.pstate_label,
         _on_off(g.persistence_mode), g.compute_capability_label, _on_off(g.mig_mode),
-        "; ".join(_processes(g, own_pid)) or "none",
+        "; ".join(_processes(g, own_pid, owners)) or "none",
     ]
 
 
@@ -52,6 +61,7 @@ class GPUTable:
 
     inventory: Inventory
     visibility: visibility.Visibility
+    owners: Mapping[int, kernels.ProcessOwner] = field(default_factory=dict)  # pid -> notebook or command line
 
     @property
     def gpus(self) -> tuple[GPU, ...]:
@@ -68,7 +78,7 @@ class GPUTable:
 
     def rows(self) -> list[list[str]]:
         pid = os.getpid()
-        return [_row(g, self.visibility.alias(g.index), pid) for g in self.inventory]
+        return [_row(g, self.visibility.alias(g.index), pid, self.owners) for g in self.inventory]
 
     def _title(self) -> str:
         inv = self.inventory
@@ -116,4 +126,5 @@ class GPUTable:
 def gpus() -> GPUTable:
     """Every GPU on the machine (or the simulated set), with what runs on it and which ones this kernel sees."""
     inv = devices.read()
-    return GPUTable(inv, visibility.current(inv))
+    owners = kernels.owners(p.pid for g in inv for p in (g.processes or ()))
+    return GPUTable(inv, visibility.current(inv), owners)
