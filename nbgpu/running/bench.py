@@ -37,6 +37,7 @@ class BenchResult:
     peak_memory: dict = field(default_factory=dict)  # cuda index -> bytes (torch allocator)
     roofline: roofline.Roofline | None = None
     timeline: timeline.Timeline | None = None
+    notes: list[str] = field(default_factory=list)  # what a reader needs to read the figures right
 
     # --- derived figures (medians across repeats) ---
     @property
@@ -107,6 +108,7 @@ class BenchResult:
             lines.append("  " + repr(self.roofline))
         if self.timeline is not None:
             lines.append("  " + repr(self.timeline))
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def figure(self):
@@ -144,6 +146,11 @@ def _label(model, compile: bool, devices_used, simulated: bool) -> str:
         plural = "s" if len(devices_used) > 1 else ""
         where = "CPU" if devices_used == ["cpu"] else f"{len(devices_used)} GPU{plural}"
     return f"{name} {where} {'compiled' if compile else 'eager'}"
+
+
+SPLIT_COMPILED = ("compiled on a layer split: the hand-over between GPUs breaks the compiled graph inside the layer "
+                  "loop, so each decoder layer is a compiled graph of its own and the host's work per layer remains "
+                  "(faster than the eager split, slower than compiled on one GPU)")
 
 
 class Sweep(list):
@@ -216,6 +223,7 @@ def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: 
         ttft=[r.ttft for r in runs], decode_seconds=[r.decode for r in runs],
         step_latencies=[x for r in runs for x in r.steps], generated_tokens=batch * new_tokens, peak_memory=peak,
         timeline=steps,
+        notes=[SPLIT_COMPILED] if compile and split else [],
     )
     if explain and (gpus or simulated):
         result.roofline = roofline.estimate(model, batch, prompt_len, new_tokens, result.decode_tokens_per_s,
