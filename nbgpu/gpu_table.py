@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from html import escape
 
 from . import devices, kernels, visibility
 from .devices import GPU, Inventory
@@ -80,7 +79,11 @@ class GPUTable:
         pid = os.getpid()
         return [_row(g, self.visibility.alias(g.index), pid, self.owners) for g in self.inventory]
 
-    def _title(self) -> str:
+    @property
+    def columns(self) -> list[str]:
+        return list(COLUMNS)
+
+    def title(self) -> str:
         inv = self.inventory
         if inv.simulated:
             sim = devices.simulated()
@@ -92,35 +95,13 @@ class GPUTable:
             return self.inventory.message or "no GPU found"
         rows = [COLUMNS] + self.rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
-        lines = [self._title()]
+        lines = [self.title()]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         lines.append(self.visibility.header())
         if self.visibility.note:
             lines.append(self.visibility.note)
         return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        if not len(self.inventory):
-            return f"<div><b>nbgpu:</b> {escape(self.inventory.message or 'no GPU found')}</div>"
-        sim = self.inventory.simulated
-        head = "".join(f"<th style='text-align:left'>{escape(c)}</th>" for c in COLUMNS)
-        body = []
-        for g, r in zip(self.inventory, self.rows()):
-            seen = self.visibility.alias(g.index) is not None
-            style = "background:#e8f5e9;font-weight:600" if seen else "color:#777"
-            cells = "".join(f"<td style='text-align:left'>{escape(c).replace('; ', '<br>')}</td>" for c in r)
-            body.append(f"<tr style='{style}' title='{escape('; '.join(f'{k}: {v}' for k, v in g.errors.items()))}'>"
-                        f"{cells}</tr>")
-        badge = ("<span style='background:#f59e0b;color:white;padding:1px 6px;border-radius:3px'>SIMULATED</span> "
-                 if sim else "")
-        vis = self.visibility
-        foot = escape(vis.header())
-        if vis.note:
-            foot += f"<br><span style='color:#b45309'>{escape(vis.note)}</span>"
-        return (f"<div>{badge}<b>{escape(self._title())}</b>"
-                f"<table style='font-size:12px'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-                f"<div style='font-size:12px'>Highlighted: GPUs this kernel sees. {foot}</div></div>")
 
 
 def gpus() -> GPUTable:

@@ -12,7 +12,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass, replace
-from html import escape
 from itertools import combinations
 
 from . import devices
@@ -193,13 +192,6 @@ class Visibility:
         if self.note:
             body.append(self.note)
         return "\n".join(body)
-
-    def _repr_html_(self) -> str:
-        sim = "<b style='color:#b45309'>SIMULATED GPUs</b> &middot; " if self.simulated else ""
-        items = "".join(f"<li><code>{escape(line)}</code></li>" for line in self.lines())
-        note = f"<div style='color:#b45309'>{escape(self.note)}</div>" if self.note else ""
-        links = f"<div>links: {escape(self.links)}</div>" if self.links else ""
-        return f"<div>{sim}<code>{escape(self.header())}</code><ul>{items}</ul>{links}{note}</div>"
 
 
 def _order_note(order: str | None, targets) -> str | None:

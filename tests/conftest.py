@@ -37,3 +37,16 @@ def fake_nvml(monkeypatch):
         return module
 
     return install
+
+
+def shown_html(obj) -> str:
+    """What a notebook's static renderer shows for `obj`: the text/html IPython's formatter gives it once the
+    extension is loaded (the views layer registers every nbgpu type)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import nbgpu
+
+    shell = InteractiveShell.instance()
+    nbgpu.load_ipython_extension(shell)
+    data, _ = shell.display_formatter.format(obj)
+    return data.get("text/html", "")

@@ -6,15 +6,17 @@ import time
 import weakref
 
 import pytest
+import torch
+import transformers
+from conftest import shown_html
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import nbgpu  # noqa: E402
-from nbgpu import devices  # noqa: E402
-from nbgpu.errors import UsageError  # noqa: E402
-from nbgpu.running import BenchResult, NotEnoughMemory, oom  # noqa: E402
-from nbgpu.units import GiB  # noqa: E402
+import nbgpu
+from nbgpu import devices
+from nbgpu.errors import UsageError
+from nbgpu.running import BenchResult, NotEnoughMemory, oom
+from nbgpu.units import GiB
+from nbgpu.views.bench_view import compare_figure
+from nbgpu.views.load_view import load_figure
 
 
 def _save(config, path):
@@ -55,7 +57,7 @@ def test_load_a_path_with_device_map_auto_loads_the_saved_weights(which, request
     assert report.cpu_weights == sum(t.numel() * t.element_size() for t in {
         id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
     assert "no GPU" in repr(report)
-    assert "<table>" in report._repr_html_()
+    assert "<table>" in shown_html(report)
 
 
 def test_load_refuses_what_is_not_a_plan_or_path():
@@ -89,7 +91,7 @@ def test_bench_fields_are_consistent_and_warmup_is_discarded(llama):
     lo, hi = result.decode_spread
     assert lo <= result.decode_tokens_per_s <= hi
     assert result.devices == ["cpu"] and not result.simulated
-    assert "decode" in repr(result) and "<table>" in result._repr_html_()
+    assert "decode" in repr(result) and "<table>" in shown_html(result)
 
 
 def test_bench_makes_the_fixed_number_of_tokens_even_when_eos_comes_first(llama):
@@ -137,8 +139,8 @@ def test_compare_tables_several_runs(gpt2, llama):
     assert [r["run"] for r in table.rows()] == ["gpt2", "llama"]
     assert table.rows()[1]["decode_tok_s"] == b.decode_tokens_per_s
     assert list(table.to_pandas()["run"]) == ["gpt2", "llama"]
-    assert "gpt2" in repr(table) and "llama" in table._repr_html_()
-    fig = table.figure()
+    assert "gpt2" in repr(table) and "llama" in shown_html(table)
+    fig = compare_figure(table)
     assert {t.name for t in fig.data} == {"gpt2", "llama"}
     with pytest.raises(UsageError):
         nbgpu.compare([])
@@ -160,14 +162,14 @@ def test_simulated_load_through_a_plan_runs_on_cpu_and_shows_the_memory_on_the_g
         assert sim.allocated(d.gpu.index) == d.weights > 0
         assert g.weights == d.weights  # the planner's sizes match the loaded tensors
     assert report.warnings == []
-    assert "simulated" in repr(report) and "SIMULATED" in report._repr_html_()
-    assert "SIMULATED" in report.figure().layout.title.text
+    assert "simulated" in repr(report) and "SIMULATED" in shown_html(report)
+    assert "SIMULATED" in load_figure(report).layout.title.text
     used = {g.index: g.memory_used for g in nbgpu.gpus().gpus}
     assert all(used[d.gpu.index] >= d.weights for d in plan.devices)
 
     result = nbgpu.bench(model, prompt_len=8, new_tokens=4, repeats=2)
     assert result.simulated and "simulated" in result.label
-    assert "simulated — ran on CPU" in repr(result) and "SIMULATED" in result._repr_html_()
+    assert "simulated — ran on CPU" in repr(result) and "SIMULATED" in shown_html(result)
     assert set(result.timeline.busy()) == {0, 1}
     assert result.timeline.simulated and "simulated" in repr(result.timeline)
     bound = result.roofline

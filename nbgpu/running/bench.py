@@ -111,16 +111,6 @@ class BenchResult:
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
-    def figure(self):
-        from ..views.bench_view import bench_figure
-
-        return bench_figure(self)
-
-    def _repr_html_(self) -> str:
-        from ..views.bench_view import bench_html
-
-        return bench_html(self)
-
 
 def _prompts(model, batch, prompt_len, tokenizer, prompt, seed):
     import torch
@@ -156,11 +146,15 @@ SPLIT_COMPILED = ("compiled on a layer split: the hand-over between GPUs breaks 
 class Sweep(list):
     """BenchResults of one model at several batch sizes (`nbgpu.bench(model, batch=[1, 8, 32])`)."""
 
+    @property
+    def label(self) -> str:
+        return self[0].label.rsplit(" batch", 1)[0] if self else "empty sweep"
+
     def __repr__(self) -> str:
         rows = [f"  batch {r.batch:>4}: decode {r.decode_tokens_per_s:,.1f} tokens/s, per-token p50 "
                 f"{r.latency_p50_s * 1e3:.2f} ms" for r in self]
         sim = f" [{SIMULATED_NOTE}]" if any(r.simulated for r in self) else ""
-        return "\n".join([f"{self[0].label.rsplit(' batch', 1)[0]}: batch sweep{sim}", *rows]) if self else "Sweep([])"
+        return "\n".join([f"{self.label}: batch sweep{sim}", *rows]) if self else "Sweep([])"
 
 
 def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 5,

@@ -47,6 +47,11 @@ class GPUMemory:
             return None
         return (self.measured - self.planned_weights) / self.planned_weights
 
+    @property
+    def off_plan(self) -> bool:
+        """The measured weights differ from the plan's by more than TOLERANCE (worth a warning)."""
+        return self.difference is not None and abs(self.difference) > TOLERANCE
+
 
 @dataclass
 class LoadReport:
@@ -81,16 +86,6 @@ class LoadReport:
                          f"{format_size(self.disk_weights, 'auto')} on disk")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
-
-    def figure(self):
-        from ..views.load_view import load_figure
-
-        return load_figure(self)
-
-    def _repr_html_(self) -> str:
-        from ..views.load_view import load_html
-
-        return load_html(self)
 
 
 def load(plan_or_model, *, show: bool = True, **from_pretrained_kwargs):
@@ -284,7 +279,7 @@ def _differences(report: LoadReport) -> list[str]:
     out = []
     what = "tensors' bytes" if report.simulated else "allocated memory"
     for g in report.gpus:
-        if g.difference is not None and abs(g.difference) > TOLERANCE:
+        if g.off_plan:
             out.append(f"cuda:{g.cuda_index}: {what} {format_size(g.measured, 'auto')} differs from the planned "
                        f"weights {format_size(g.planned_weights, 'auto')} by {g.difference:+.1%}")
     return out
