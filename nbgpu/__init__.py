@@ -50,6 +50,15 @@ def simulate(spec: str | None = DEFAULT_SPEC) -> GPUTable:
     return gpus()
 
 
+def _jupyter_server_extension_points():
+    """The jupyter-server extension behind the JupyterLab GPU panel (enabled with the package)."""
+    return [{"module": "nbgpu.server"}]
+
+
+def _jupyter_labextension_paths():
+    return [{"src": "labextension", "dest": "nbgpu"}]
+
+
 def load_ipython_extension(ipython):
     from .magics import register
     from .views.registry import register as register_views

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -21,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from .tour import QUICKSTART
     from .tour import tour as run_tour
+
+    missing = [m for m in ("nbclient", "nbformat", "mistune", "ipykernel") if importlib.util.find_spec(m) is None]
+    if missing:
+        parser.error(f"the tour needs {', '.join(missing)}, which come with the tour extra: "
+                     "pip install 'nbgpu[tour]'")
 
     notebook = Path(args.notebook) if args.notebook else QUICKSTART
     if not notebook.exists():

@@ -1,12 +1,13 @@
-"""`nbgpu.gpus()`: the inventory as a table, marking which GPUs this kernel sees and their cuda:N alias."""
+"""`nbgpu.gpus()`: the inventory as a table, marking which GPUs this kernel sees and their cuda:N alias, and naming
+the notebook behind each process that is a Jupyter kernel (`nbgpu.kernels`)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from html import escape
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from . import devices, visibility
+from . import devices, kernels, visibility
 from .devices import GPU, Inventory
 from .units import format_size
 
@@ -25,10 +26,17 @@ def _memory(g: GPU) -> str:
     return f"{format_size(g.memory_used)} / {format_size(g.memory_total, digits=0)}"
 
 
-def _processes(g: GPU, own_pid: int) -> list[str]:
+def _who(p, owners: Mapping[int, kernels.ProcessOwner]) -> str:
+    """The notebook of a kernel's process, else its command line, else NVML's process name."""
+    owner = owners.get(p.pid)
+    label = (owner.label if owner else None) or p.name or "n/a"
+    return label if len(label) <= 80 else label[:79] + "…"
+
+
+def _processes(g: GPU, own_pid: int, owners: Mapping[int, kernels.ProcessOwner]) -> list[str]:
     if g.processes is None:
         return ["n/a"]
-    return [f"{p.pid}{' (this kernel)' if p.pid == own_pid else ''} {p.name or 'n/a'} {p.kind} "
+    return [f"{p.pid}{' (this kernel)' if p.pid == own_pid else ''} {_who(p, owners)} {p.kind} "
             f"{format_size(p.used_memory, 'MiB', 0)}" for p in g.processes]
 
 
@@ -36,13 +44,13 @@ COLUMNS = ["GPU", "cuda", "name", "UUID", "bus id", "memory used/total", "util",
            "persist", "cc", "MIG", "processes"]
 
 
-def _row(g: GPU, alias: str | None, own_pid: int) -> list[str]:
+def _row(g: GPU, alias: str | None, own_pid: int, owners: Mapping[int, kernels.ProcessOwner]) -> list[str]:
     power = "n/a" if g.power_draw is None else f"{g.power_draw:.0f} / {_na(g.power_limit, '{:.0f}')} W"
     return [
         str(g.index), alias or "-", g.name or "n/a", g.uuid or "n/a", g.pci_bus_id or "n/a", _memory(g),
         _na(g.utilization, "{}%"), _na(g.temperature, "{}C"), power, g.pstate_label,
         _on_off(g.persistence_mode), g.compute_capability_label, _on_off(g.mig_mode),
-        "; ".join(_processes(g, own_pid)) or "none",
+        "; ".join(_processes(g, own_pid, owners)) or "none",
     ]
 
 
@@ -52,6 +60,7 @@ class GPUTable:
 
     inventory: Inventory
     visibility: visibility.Visibility
+    owners: Mapping[int, kernels.ProcessOwner] = field(default_factory=dict)  # pid -> notebook or command line
 
     @property
     def gpus(self) -> tuple[GPU, ...]:
@@ -68,9 +77,13 @@ class GPUTable:
 
     def rows(self) -> list[list[str]]:
         pid = os.getpid()
-        return [_row(g, self.visibility.alias(g.index), pid) for g in self.inventory]
+        return [_row(g, self.visibility.alias(g.index), pid, self.owners) for g in self.inventory]
 
-    def _title(self) -> str:
+    @property
+    def columns(self) -> list[str]:
+        return list(COLUMNS)
+
+    def title(self) -> str:
         inv = self.inventory
         if inv.simulated:
             sim = devices.simulated()
@@ -82,7 +95,7 @@ class GPUTable:
             return self.inventory.message or "no GPU found"
         rows = [COLUMNS] + self.rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
-        lines = [self._title()]
+        lines = [self.title()]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         lines.append(self.visibility.header())
@@ -90,30 +103,9 @@ class GPUTable:
             lines.append(self.visibility.note)
         return "\n".join(lines)
 
-    def _repr_html_(self) -> str:
-        if not len(self.inventory):
-            return f"<div><b>nbgpu:</b> {escape(self.inventory.message or 'no GPU found')}</div>"
-        sim = self.inventory.simulated
-        head = "".join(f"<th style='text-align:left'>{escape(c)}</th>" for c in COLUMNS)
-        body = []
-        for g, r in zip(self.inventory, self.rows()):
-            seen = self.visibility.alias(g.index) is not None
-            style = "background:#e8f5e9;font-weight:600" if seen else "color:#777"
-            cells = "".join(f"<td style='text-align:left'>{escape(c).replace('; ', '<br>')}</td>" for c in r)
-            body.append(f"<tr style='{style}' title='{escape('; '.join(f'{k}: {v}' for k, v in g.errors.items()))}'>"
-                        f"{cells}</tr>")
-        badge = ("<span style='background:#f59e0b;color:white;padding:1px 6px;border-radius:3px'>SIMULATED</span> "
-                 if sim else "")
-        vis = self.visibility
-        foot = escape(vis.header())
-        if vis.note:
-            foot += f"<br><span style='color:#b45309'>{escape(vis.note)}</span>"
-        return (f"<div>{badge}<b>{escape(self._title())}</b>"
-                f"<table style='font-size:12px'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-                f"<div style='font-size:12px'>Highlighted: GPUs this kernel sees. {foot}</div></div>")
-
 
 def gpus() -> GPUTable:
     """Every GPU on the machine (or the simulated set), with what runs on it and which ones this kernel sees."""
     inv = devices.read()
-    return GPUTable(inv, visibility.current(inv))
+    owners = kernels.owners(p.pid for g in inv for p in (g.processes or ()))
+    return GPUTable(inv, visibility.current(inv), owners)

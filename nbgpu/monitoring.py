@@ -17,13 +17,13 @@ import time
 import traceback
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from html import escape
 from typing import Any
 
-from . import devices, visibility
+from . import devices, kernels, visibility
 from .devices import GPU, GPUProcess, Inventory
 from .errors import UsageError
 from .units import GiB, format_size
@@ -68,6 +68,7 @@ class Sample:
     gpus: tuple[GPUSample, ...]
     backend: str  # "nvml" or "simulated"
     message: str | None = None
+    owners: Mapping[int, kernels.ProcessOwner] = field(default_factory=dict, compare=False)  # notebook per pid
 
     @property
     def simulated(self) -> bool:
@@ -130,7 +131,7 @@ class Sampler:
         rows = tuple(self._gpu_sample(g, aliases.get(g.index), seen_pids)
                      for g in inv if self.gpus is None or g.index in self.gpus)
         self._ours = {pid: ours for pid, ours in self._ours.items() if pid in seen_pids}  # forget exited processes
-        return Sample(now, rows, inv.backend, inv.message)
+        return Sample(now, rows, inv.backend, inv.message, kernels.owners(seen_pids))
 
     def _aliases_for(self, inv: Inventory) -> dict[int, str]:
         # visibility.current() may ask /proc/self/maps whether CUDA started: only redo it when the setting changes
@@ -449,7 +450,9 @@ def sample_lines(sample: Sample, show: Iterable[str] = METRICS) -> list[str]:
         lines.append(f"{g.label} {g.name or 'n/a'}{sim}: " + ", ".join(parts))
         for p in g.processes or ():
             own = " (this kernel)" if p.pid in g.own_pids else ""
-            lines.append(f"    pid {p.pid}{own} {p.name or 'n/a'} {format_size(p.used_memory, 'MiB', 0)}")
+            owner = sample.owners.get(p.pid)
+            notebook = f" [{owner.label}]" if owner is not None and owner.kernel is not None else ""
+            lines.append(f"    pid {p.pid}{own} {p.name or 'n/a'}{notebook} {format_size(p.used_memory, 'MiB', 0)}")
     return lines
 
 

@@ -12,7 +12,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass, replace
-from html import escape
 from itertools import combinations
 
 from . import devices
@@ -194,13 +193,6 @@ class Visibility:
             body.append(self.note)
         return "\n".join(body)
 
-    def _repr_html_(self) -> str:
-        sim = "<b style='color:#b45309'>SIMULATED GPUs</b> &middot; " if self.simulated else ""
-        items = "".join(f"<li><code>{escape(line)}</code></li>" for line in self.lines())
-        note = f"<div style='color:#b45309'>{escape(self.note)}</div>" if self.note else ""
-        links = f"<div>links: {escape(self.links)}</div>" if self.links else ""
-        return f"<div>{sim}<code>{escape(self.header())}</code><ul>{items}</ul>{links}{note}</div>"
-
 
 def _order_note(order: str | None, targets) -> str | None:
     if len(targets) > 1 and order != "PCI_BUS_ID":
@@ -209,22 +201,27 @@ def _order_note(order: str | None, targets) -> str | None:
     return None
 
 
+def targets_for(value: str | None, inv: Inventory) -> list[Target]:
+    """The GPUs a CUDA_VISIBLE_DEVICES value gives a process, read as CUDA reads it (None: every GPU)."""
+    tokens = _current_tokens(value)
+    if tokens is None:
+        return [Target(str(g.index), g) for g in inv if not g.mig_mode]
+    targets: list[Target] = []
+    for tok in tokens:
+        try:
+            targets.append(_resolve_token(inv, tok))
+        except UsageError:
+            break  # CUDA ignores the rest of the list after an entry it cannot use
+    return targets
+
+
 def current(inv: Inventory | None = None) -> Visibility:
     """The mapping in force now (for simulated GPUs, the simulated setting)."""
     inv = devices.read() if inv is None else inv
     sim = devices.simulated()
     value = sim.visible if sim is not None else os.environ.get(VISIBLE)
     order = "PCI_BUS_ID" if sim is not None else os.environ.get(ORDER)
-    tokens = _current_tokens(value)
-    targets: list[Target] = []
-    if tokens is None:
-        targets = [Target(str(g.index), g) for g in inv if not g.mig_mode]
-    else:
-        for tok in tokens:
-            try:
-                targets.append(_resolve_token(inv, tok))
-            except UsageError:
-                break  # CUDA ignores the rest of the list after an entry it cannot use
+    targets = targets_for(value, inv)
     started = False if sim is not None else cuda_driver_initialized()
     return Visibility(tuple(targets), value, order, sim is not None, started, _order_note(order, targets))
 
@@ -313,6 +310,7 @@ def use(selection: str | int | list | tuple | None = None, *, auto: int | None =
     sim = devices.simulated()
     if sim is not None:
         sim.visible = value
+        devices.published.changed()
         return replace(current(inv), links=links)
     now = current(inv)
     if now.cuda_started:
@@ -328,4 +326,17 @@ def use(selection: str | int | list | tuple | None = None, *, auto: int | None =
         )
     os.environ[ORDER] = "PCI_BUS_ID"
     os.environ[VISIBLE] = value
+    devices.published.changed()
     return replace(current(inv), links=links)
+
+
+def _published_state() -> dict:
+    """What this kernel tells the GPU panel (nbgpu.devices.published): its GPUs and simulated memory."""
+    sim = devices.simulated()
+    if sim is not None:
+        return {"visible_devices": sim.visible, "device_order": "PCI_BUS_ID", "simulate": sim.spec_text,
+                **sim.state()}
+    return {"visible_devices": os.environ.get(VISIBLE), "device_order": os.environ.get(ORDER), "simulate": None}
+
+
+devices.published.set_provider(_published_state)

@@ -42,6 +42,19 @@ def fake_nvml(monkeypatch):
     return install
 
 
+def shown_html(obj) -> str:
+    """What a notebook's static renderer shows for `obj`: the text/html IPython's formatter gives it once the
+    extension is loaded (the views layer registers every nbgpu type)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import nbgpu
+
+    shell = InteractiveShell.instance()
+    nbgpu.load_ipython_extension(shell)
+    data, _ = shell.display_formatter.format(obj)
+    return data.get("text/html", "")
+
+
 # In CI these tests must run: a skip there (no chromium, no kernel) fails the run instead of passing quietly.
 REQUIRED_IN_CI = ("tests/test_browser.py", "tests/test_notebooks.py")
 

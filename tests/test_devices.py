@@ -1,4 +1,5 @@
 import pytest
+from conftest import shown_html
 from fake_pynvml import (
     FakeGPU,
     GiB,
@@ -56,7 +57,7 @@ def test_lost_gpu_is_a_row_of_na_and_the_others_still_show(fake_nvml):
     table = nbgpu.gpus()
     text = repr(table)
     assert "n/a" in text.splitlines()[2] and uuid(1) in text
-    assert "<table" in table._repr_html_()
+    assert "<table" in shown_html(table)
 
 
 def test_handle_that_cannot_be_opened_keeps_its_row(fake_nvml):
@@ -163,7 +164,7 @@ def test_simulated_gpus_are_labelled_and_follow_placed_memory():
     assert inv[1].memory_used > 10 * GiB and inv[1].processes[0].pid == __import__("os").getpid()
     assert inv[1].memory_bandwidth == specs.lookup("A100-80GB").bandwidth
     table = nbgpu.gpus()
-    assert "SIMULATED" in repr(table) and "SIMULATED" in table._repr_html_()
+    assert "SIMULATED" in repr(table) and "SIMULATED" in shown_html(table)
     sim.release()
     after = devices.read()[1]  # what was placed is freed; the CUDA context stays until the process ends
     assert after.memory_used == CONTEXT_BYTES and after.processes[0].used_memory == CONTEXT_BYTES

@@ -203,10 +203,21 @@ def test_accelerate_strategy_equals_what_from_pretrained_auto_computes():
     assert [d.weights for d in p.devices] != [0, 0, 0]
 
 
-def test_repr_html_and_text_say_simulated():
-    p = nbgpu.plan(llama(), gpus="2x24GiB")
-    from nbgpu.views.plan_view import plan_html
+def test_repr_html_and_text_say_simulated_and_figures_need_no_cdn():
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
 
+    from nbgpu.views.plan_view import display_plan, plan_html
+
+    InteractiveShell.instance()  # display() goes to a shell, as in IPython
+    p = nbgpu.plan(llama(), gpus="2x24GiB")
     html = plan_html(p)
-    assert "SIMULATED" in html and "plotly" in html.lower() and "cuda:1" in html
+    assert "SIMULATED" in html and "cuda:1" in html and "<script" not in html and "cdn." not in html
     assert "simulated" in repr(p).lower() and "fits" in repr(p)
+    with capture_output() as shown:  # outside a kernel: the status, both figures as Plotly's own output type
+        display_plan(p)
+    kinds = [set(o.data) for o in shown.outputs]
+    assert sum("application/vnd.plotly.v1+json" in k for k in kinds) == 2 and any("text/html" in k for k in kinds)
+    bars = [o.data["application/vnd.plotly.v1+json"] for o in shown.outputs
+            if "application/vnd.plotly.v1+json" in o.data][1]
+    assert {t["name"] for t in bars["data"]} >= {"weights", "KV cache", "activations", "allocator", "context"}

@@ -9,12 +9,15 @@ import weakref
 import pytest
 import torch
 import transformers
+from conftest import shown_html
 
 import nbgpu
 from nbgpu import devices
 from nbgpu.errors import UsageError
 from nbgpu.running import BenchResult, NotEnoughMemory, oom
 from nbgpu.units import GiB
+from nbgpu.views.bench_view import compare_figure
+from nbgpu.views.load_view import load_figure
 
 
 def _save(config, path):
@@ -55,7 +58,7 @@ def test_load_a_path_with_device_map_auto_loads_the_saved_weights(which, request
     assert report.cpu_weights == sum(t.numel() * t.element_size() for t in {
         id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
     assert "no GPU" in repr(report)
-    assert "<table>" in report._repr_html_()
+    assert "<table>" in shown_html(report)
 
 
 def test_load_refuses_what_is_not_a_plan_or_path():
@@ -91,7 +94,7 @@ def test_bench_fields_are_consistent_and_warmup_is_discarded(llama):
     assert result.decode_spread == pytest.approx((min(rates), max(rates)))
     assert sum(result.step_latencies) == pytest.approx(sum(result.decode_seconds))  # steps tile the decode time
     assert result.devices == ["cpu"] and not result.simulated
-    assert "decode" in repr(result) and "<table>" in result._repr_html_()
+    assert "decode" in repr(result) and "<table>" in shown_html(result)
 
 
 def test_bench_makes_the_fixed_number_of_tokens_even_when_eos_comes_first(llama):
@@ -139,8 +142,8 @@ def test_compare_tables_several_runs(gpt2, llama):
     assert [r["run"] for r in table.rows()] == ["gpt2", "llama"]
     assert table.rows()[1]["decode_tok_s"] == b.decode_tokens_per_s
     assert list(table.to_pandas()["run"]) == ["gpt2", "llama"]
-    assert "gpt2" in repr(table) and "llama" in table._repr_html_()
-    fig = table.figure()
+    assert "gpt2" in repr(table) and "llama" in shown_html(table)
+    fig = compare_figure(table)
     assert {t.name for t in fig.data} == {"gpt2", "llama"}
     with pytest.raises(UsageError):
         nbgpu.compare([])
@@ -162,14 +165,14 @@ def test_simulated_load_through_a_plan_runs_on_cpu_and_shows_the_memory_on_the_g
         assert sim.allocated(d.gpu.index) == d.weights > 0
         assert g.weights == d.weights  # the planner's sizes match the loaded tensors
     assert report.warnings == []
-    assert "simulated" in repr(report) and "SIMULATED" in report._repr_html_()
-    assert "SIMULATED" in report.figure().layout.title.text
+    assert "simulated" in repr(report) and "SIMULATED" in shown_html(report)
+    assert "SIMULATED" in load_figure(report).layout.title.text
     used = {g.index: g.memory_used for g in nbgpu.gpus().gpus}
     assert all(used[d.gpu.index] >= d.weights for d in plan.devices)
 
     result = nbgpu.bench(model, prompt_len=8, new_tokens=4, repeats=2)
     assert result.simulated and "simulated" in result.label
-    assert "simulated — ran on CPU" in repr(result) and "SIMULATED" in result._repr_html_()
+    assert "simulated — ran on CPU" in repr(result) and "SIMULATED" in shown_html(result)
     busy = result.timeline.busy()
     # a layer split on one CPU: the two simulated GPUs take turns, so their busy fractions add up to at most 1
     assert set(busy) == {0, 1} and all(0 < v <= 1 for v in busy.values()) and sum(busy.values()) <= 1 + 1e-9

@@ -2,6 +2,7 @@
 machine's links, the text and HTML matrix, and --auto choosing connected GPUs."""
 
 import pytest
+from conftest import shown_html
 from fake_pynvml import (
     GPU_LINK,
     SWITCH_LINK,
@@ -301,7 +302,7 @@ def test_auto_prefers_the_nvlink_pair_over_more_free_memory():
     vis = nbgpu.use(auto=2)
     assert [t.gpu.index for t in vis.targets] == [2, 3]
     assert vis.links == "GPU 2-3 NV18 (NVLink)" and "links: GPU 2-3 NV18 (NVLink)" in repr(vis)
-    assert "NV18" in vis._repr_html_()
+    assert "NV18" in shown_html(vis)
 
 
 def test_auto_prefers_one_pcie_switch_then_the_next_best(fake_nvml):

@@ -2,6 +2,7 @@ import ctypes
 import os
 
 import pytest
+from conftest import shown_html
 from fake_pynvml import FakeGPU, GiB, uuid
 
 import nbgpu
@@ -172,7 +173,7 @@ def test_simulated_choice_does_not_touch_the_real_environment():
     nbgpu.simulate("4x24GiB")
     vis = nbgpu.use("2,3")
     assert env() == (None, None)
-    assert vis.simulated and "[simulated]" in repr(vis) and "SIMULATED" in vis._repr_html_()
+    assert vis.simulated and "[simulated]" in repr(vis) and "SIMULATED" in shown_html(vis)
     assert [t.gpu.index for t in visibility.current().targets] == [2, 3]
     with pytest.raises(UsageError):
         nbgpu.use("4")

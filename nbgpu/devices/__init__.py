@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import published
 from .model import GPU, GPUProcess, Inventory, MIGDevice
 from .nvml import NVMLReader
 from .simulated import DEFAULT_SPEC, SimulatedGPUs, SimulateSpecError, parse_simulate_spec
@@ -33,9 +34,11 @@ def simulate(spec: str | None) -> SimulatedGPUs | None:
     global _simulated
     if spec is None or spec.strip().lower() == "off":
         _simulated = None
+        published.changed()
         return None
     new = SimulatedGPUs(spec)  # parse first: a bad spec leaves the current state as it was
     _simulated = new
+    published.changed()
     return new
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..units import GiB, SizeError, format_size, parse_size
-from . import specs
+from . import published, specs
 from .calibration import DEFAULT as CALIBRATION
 from .model import GPU, GPUProcess, Inventory
 
@@ -141,6 +141,7 @@ class SimulatedGPUs:
             self._allocated[index] = self._allocated.get(index, 0) + int(nbytes)
             if nbytes > 0:
                 self._context.add(index)
+        published.changed()
 
     def release(self, index: int | None = None) -> None:
         """Free what was placed (on one GPU or all); the CUDA context stays, as on a real GPU."""
@@ -149,10 +150,12 @@ class SimulatedGPUs:
                 self._allocated.clear()
             else:
                 self._allocated.pop(index, None)
+        published.changed()
 
     def set_utilization(self, index: int, percent: int) -> None:
         with self._lock:
             self._utilization[index] = percent
+        published.changed()
 
     def allocated(self, index: int) -> int:
         with self._lock:
@@ -161,6 +164,12 @@ class SimulatedGPUs:
     def spec(self, index: int) -> specs.GPUSpec | None:
         """The published figures of GPU `index`, or None for a GPU given only by its size."""
         return self._devices[index][2]
+
+    def state(self) -> dict[str, dict[int, int]]:
+        """What this process placed on each GPU and the utilisation it set (what a kernel publishes)."""
+        with self._lock:
+            return {"allocated": {i: b for i, b in self._allocated.items() if b},
+                    "utilization": dict(self._utilization)}
 
     def __len__(self) -> int:
         return len(self._devices)

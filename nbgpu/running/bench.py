@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .. import devices
 from ..errors import UsageError
 from ..units import format_size
-from . import oom, placement, protocol, roofline, split_compile, step_profile, timeline
+from . import oom, placement, protocol, roofline, split_compile, step_profile, tensor_parallel, timeline
 from .load import SIMULATED_NOTE
 
 
@@ -37,6 +37,7 @@ class BenchResult:
     peak_memory: dict = field(default_factory=dict)  # cuda index -> bytes (torch allocator)
     roofline: roofline.Roofline | None = None
     timeline: timeline.Timeline | None = None
+    notes: list[str] = field(default_factory=list)  # what a reader needs to read the figures right
 
     # --- derived figures (medians across repeats) ---
     @property
@@ -107,17 +108,8 @@ class BenchResult:
             lines.append("  " + repr(self.roofline))
         if self.timeline is not None:
             lines.append("  " + repr(self.timeline))
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-    def figure(self):
-        from ..views.bench_view import bench_figure
-
-        return bench_figure(self)
-
-    def _repr_html_(self) -> str:
-        from ..views.bench_view import bench_html
-
-        return bench_html(self)
 
 
 def _prompts(model, batch, prompt_len, tokenizer, prompt, seed):
@@ -146,14 +138,23 @@ def _label(model, compile: bool, devices_used, simulated: bool) -> str:
     return f"{name} {where} {'compiled' if compile else 'eager'}"
 
 
+SPLIT_COMPILED = ("compiled on a layer split: the hand-over between GPUs breaks the compiled graph inside the layer "
+                  "loop, so each decoder layer is a compiled graph of its own and the host's work per layer remains "
+                  "(faster than the eager split, slower than compiled on one GPU)")
+
+
 class Sweep(list):
     """BenchResults of one model at several batch sizes (`nbgpu.bench(model, batch=[1, 8, 32])`)."""
+
+    @property
+    def label(self) -> str:
+        return self[0].label.rsplit(" batch", 1)[0] if self else "empty sweep"
 
     def __repr__(self) -> str:
         rows = [f"  batch {r.batch:>4}: decode {r.decode_tokens_per_s:,.1f} tokens/s, per-token p50 "
                 f"{r.latency_p50_s * 1e3:.2f} ms" for r in self]
         sim = f" [{SIMULATED_NOTE}]" if any(r.simulated for r in self) else ""
-        return "\n".join([f"{self[0].label.rsplit(' batch', 1)[0]}: batch sweep{sim}", *rows]) if self else "Sweep([])"
+        return "\n".join([f"{self.label}: batch sweep{sim}", *rows]) if self else "Sweep([])"
 
 
 def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 5,
@@ -177,6 +178,10 @@ def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: 
                              ("repeats", repeats, 1), ("warmup", warmup, 0)):
         if not isinstance(value, int) or value < low:
             raise UsageError(f"{name} must be a whole number of at least {low}, not {value!r}")
+    if isinstance(model, tensor_parallel.TensorParallelModel):  # runs the same protocol in every worker
+        return tensor_parallel.bench(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                                     repeats=repeats, warmup=warmup, compile=compile, tokenizer=tokenizer,
+                                     prompt=prompt, label=label, explain=explain, seed=seed)
 
     sim = devices.simulated()
     simulated = sim is not None or bool(getattr(getattr(model, "nbgpu_load", None), "simulated", False))
@@ -212,6 +217,7 @@ def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: 
         ttft=[r.ttft for r in runs], decode_seconds=[r.decode for r in runs],
         step_latencies=[x for r in runs for x in r.steps], generated_tokens=batch * new_tokens, peak_memory=peak,
         timeline=steps,
+        notes=[SPLIT_COMPILED] if compile and split else [],
     )
     if explain and (gpus or simulated):
         result.roofline = roofline.estimate(model, batch, prompt_len, new_tokens, result.decode_tokens_per_s,

@@ -42,16 +42,6 @@ class Comparison:
             lines.append(f"[{SIMULATED_NOTE}]")
         return "\n".join(lines)
 
-    def figure(self):
-        from ..views.bench_view import compare_figure
-
-        return compare_figure(self)
-
-    def _repr_html_(self) -> str:
-        from ..views.bench_view import compare_html
-
-        return compare_html(self)
-
 
 def compare(results) -> Comparison:
     """A table and chart of BenchResults (a list, or a dict label -> result, whose labels are then used)."""

@@ -47,6 +47,11 @@ class GPUMemory:
             return None
         return (self.measured - self.planned_weights) / self.planned_weights
 
+    @property
+    def off_plan(self) -> bool:
+        """The measured weights differ from the plan's by more than TOLERANCE (worth a warning)."""
+        return self.difference is not None and abs(self.difference) > TOLERANCE
+
 
 @dataclass
 class LoadReport:
@@ -82,16 +87,6 @@ class LoadReport:
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
-    def figure(self):
-        from ..views.load_view import load_figure
-
-        return load_figure(self)
-
-    def _repr_html_(self) -> str:
-        from ..views.load_view import load_html
-
-        return load_html(self)
-
 
 def load(plan_or_model, *, show: bool = True, **from_pretrained_kwargs):
     """Load a model with transformers and measure the memory it took on each GPU.
@@ -102,6 +97,10 @@ def load(plan_or_model, *, show: bool = True, **from_pretrained_kwargs):
     With simulated GPUs the model runs on the CPU and the memory is recorded on the simulated GPUs.
     Out of memory: everything is released and `NotEnoughMemory` says what was missing and which plan would fit.
     """
+    if getattr(plan_or_model, "parallel", None) == "tensor":  # worker processes, one per GPU
+        from .tensor_parallel import load_plan
+
+        return load_plan(plan_or_model, show=show, **from_pretrained_kwargs)
     plan = None if isinstance(plan_or_model, (str, os.PathLike)) else plan_or_model
     sim = devices.simulated()
     source, kwargs = _arguments(plan, plan_or_model, sim, from_pretrained_kwargs)
@@ -280,7 +279,7 @@ def _differences(report: LoadReport) -> list[str]:
     out = []
     what = "tensors' bytes" if report.simulated else "allocated memory"
     for g in report.gpus:
-        if g.difference is not None and abs(g.difference) > TOLERANCE:
+        if g.off_plan:
             out.append(f"cuda:{g.cuda_index}: {what} {format_size(g.measured, 'auto')} differs from the planned "
                        f"weights {format_size(g.planned_weights, 'auto')} by {g.difference:+.1%}")
     return out

@@ -1,10 +1,15 @@
 """torch.compile for a model split over several GPUs by layers.
 
 accelerate moves every module's inputs with a hook of its own; traced by dynamo, those hooks (one closure per module,
-the same code) exhaust its recompile limit and the split runs slower compiled than eager. For a compiled run the
-hooks are swapped for one light pre-hook per placed module that moves tensors only where the device changes, in a
-function dynamo does not trace: each compiled graph then holds one GPU's consecutive layers (so CUDA graphs can
-record it), and the hand-over between GPUs happens between graphs. accelerate's hooks come back afterwards.
+the same code) exhaust its recompile limit and the split runs slower compiled than eager (10.3 against 24.1
+tokens/s for an 8B shape on two H100s). For a compiled run the hooks are swapped for one light pre-hook per placed
+module that moves tensors only where the device changes, in a function dynamo does not trace, and accelerate's
+hooks come back afterwards.
+
+The hand-over breaks dynamo's graph inside the model's layer loop, so each decoder layer becomes a compiled frame of
+its own (the same code with another layer index: one entry per layer, so the recompile limit is raised for the
+run). Each frame records its own CUDA graph; what stays is the host's work per layer. Measured on two H200s, a 1B
+Llama shape: 8.1 ms per token compiled against 23.3 eager on the split, and 2.6 compiled on one GPU.
 """
 
 from __future__ import annotations
@@ -75,6 +80,10 @@ def light_transfers(model):
     for m, _ in hooked:
         remove_hook_from_module(m)
     handles = []
+    config = torch._dynamo.config
+    limits = config.recompile_limit, config.accumulated_recompile_limit
+    config.recompile_limit = max(limits[0], 8 * len(placement.actual_map(model)))
+    config.accumulated_recompile_limit = max(limits[1], 8 * config.recompile_limit)
     try:
         for name, device in placement.actual_map(model).items():
             if isinstance(device, int) and name in modules:
@@ -82,6 +91,7 @@ def light_transfers(model):
                     _mover(torch.device("cuda", device)), with_kwargs=True))
         yield
     finally:
+        config.recompile_limit, config.accumulated_recompile_limit = limits
         for h in handles:
             h.remove()
         for m, hook in hooked:

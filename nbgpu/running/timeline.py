@@ -43,11 +43,6 @@ class Timeline:
             parts.append(f"cuda:{device} " + ", ".join(f"{k} {v:.2f} ms" for k, v in cats.items()))
         return "; ".join(parts)
 
-    def figure(self):
-        from ..views.bench_view import timeline_figure
-
-        return timeline_figure(self)
-
 
 def from_profile(profile, note: str, merge_gap_us: float = 2.0) -> Timeline:
     """A Timeline from a step profile: kernels closer than `merge_gap_us` merged into busy blocks, and per GPU the

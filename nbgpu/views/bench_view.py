@@ -1,12 +1,14 @@
-"""Pictures of `nbgpu.bench` and `nbgpu.compare`: the figures, the roofline, and who was busy when."""
+"""Pictures of `nbgpu.bench`, batch sweeps and `nbgpu.compare`: the figures, the roofline, and who was busy when."""
 
 from __future__ import annotations
 
 from html import escape
 
-from .load_view import SIM_BADGE, figure_html
+from ..units import format_size
+from . import presentation
 
 _COLORS = ["#2563eb", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#06b6d4", "#84cc16", "#ec4899"]
+_CATEGORY_COLORS = {"matrix": "#2563eb", "communication": "#ef4444", "other": "#10b981", "idle": "#d1d5db"}
 
 
 def timeline_figure(timeline):
@@ -18,11 +20,26 @@ def timeline_figure(timeline):
                     marker_color=_COLORS[iv.cuda_index % len(_COLORS)], showlegend=False,
                     hovertemplate=f"{escape(iv.modules)}<br>%{{base:.3f}} .. {iv.end_ms:.3f} ms<extra></extra>")
     busy = ", ".join(f"cuda:{k} {v:.0%}" for k, v in timeline.busy().items())
-    title = f"One decode step ({timeline.step_ms:.2f} ms): busy {busy}"
-    if timeline.simulated:
-        title += " — SIMULATED (ran on CPU)"
+    title = f"One decode step ({timeline.step_ms:.2f} ms): busy {busy}" + presentation.title_suffix(timeline.simulated)
     fig.update_layout(title=title, xaxis_title="ms", barmode="overlay", height=120 + 40 * len(timeline.busy()),
                       margin=dict(t=50, b=40), yaxis=dict(autorange="reversed"))
+    return fig
+
+
+def breakdown_figure(timeline):
+    """Per GPU, where one decode step went: matrix products, communication, other kernels, idle."""
+    import plotly.graph_objects as go
+
+    if not timeline.breakdown:
+        return None
+    devices = [f"cuda:{d}" for d in timeline.breakdown]
+    fig = go.Figure()
+    for cat, color in _CATEGORY_COLORS.items():
+        fig.add_bar(name=cat, y=devices, x=[cats.get(cat, 0.0) for cats in timeline.breakdown.values()],
+                    orientation="h", marker_color=color, hovertemplate="%{y}: %{x:.2f} ms " + cat + "<extra></extra>")
+    fig.update_layout(barmode="stack", title="Where one decode step's time went (ms)" +
+                      presentation.title_suffix(timeline.simulated), height=130 + 40 * len(devices),
+                      xaxis_title="ms", yaxis=dict(autorange="reversed"), margin=dict(t=50, b=40))
     return fig
 
 
@@ -40,26 +57,21 @@ def bench_figure(result):
         colors.append("#d1d5db")
     fig.add_trace(go.Bar(x=names, y=values, marker_color=colors, showlegend=False,
                          hovertemplate="%{x}: %{y:,.1f} tokens/s<extra></extra>"), row=1, col=2)
-    title = result.label + (" — SIMULATED (ran on CPU)" if result.simulated else "")
-    fig.update_layout(title=title, height=340, margin=dict(t=70, b=40))
+    fig.update_layout(title=result.label + presentation.title_suffix(result.simulated), height=340,
+                      margin=dict(t=70, b=40))
     return fig
 
 
-def _table(pairs) -> str:
-    return "<table>" + "".join(f"<tr><th style='text-align:left'>{escape(k)}</th><td>{escape(v)}</td></tr>"
-                               for k, v in pairs) + "</table>"
-
-
-def _roofline_text(bound) -> str:
-    rate = "n/a (bandwidth unknown)" if bound.tokens_per_s is None else f"{bound.tokens_per_s:,.0f} tokens/s"
-    reached = "" if bound.fraction is None else f", reached {bound.fraction:.1%}"
-    sim = " for the simulated GPUs (the run was on the CPU)" if bound.simulated else ""
-    return f"{rate}{reached}{sim}; {bound.note}"
+def roofline_text(r) -> str:
+    """The roofline's fields as one line: the bound, the fraction reached, and each GPU's bytes and bandwidth."""
+    bound = "bandwidth unknown" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f} tokens/s"
+    reached = "" if r.fraction is None else f", reached {r.fraction:.1%}"
+    per = "; ".join(f"cuda:{g.cuda_index} {format_size(g.weights + g.kv_cache, 'auto')} at "
+                    f"{'n/a' if not g.bandwidth else f'{g.bandwidth / 1e12:.2f} TB/s'}" for g in r.gpus)
+    return f"{bound}{reached} — {per} ({r.note})"
 
 
 def bench_html(result) -> str:
-    from ..units import format_size
-
     lo, hi = result.decode_spread
     pairs = [
         ("mode", f"{'compiled (static cache)' if result.compiled else 'eager'}, batch {result.batch}, prompt "
@@ -74,15 +86,35 @@ def bench_html(result) -> str:
         pairs.append(("peak memory (torch)",
                       ", ".join(f"cuda:{k} {format_size(v, 'auto')}" for k, v in result.peak_memory.items())))
     if result.roofline is not None:
-        pairs.append(("roofline (estimate)", _roofline_text(result.roofline)))
+        pairs.append(("roofline (estimate)", roofline_text(result.roofline)))
     if result.timeline is not None:
-        busy = ", ".join(f"cuda:{k} {v:.0%}" for k, v in result.timeline.busy().items())
-        pairs.append(("busy in one decode step", busy))
-    sim = f"<div>{SIM_BADGE}</div>" if result.simulated else ""
-    parts = [f"<div><b>{escape(result.label)}</b>{sim}{_table(pairs)}", figure_html(bench_figure(result))]
-    if result.timeline is not None and result.timeline.intervals:
-        parts.append(figure_html(timeline_figure(result.timeline)))
-    return "".join(parts) + "</div>"
+        pairs.append(("busy in one decode step",
+                      ", ".join(f"cuda:{k} {v:.0%}" for k, v in result.timeline.busy().items())))
+    notes = "".join(f"<div style='color:{presentation.WARN}'>{escape(n)}</div>" for n in result.notes)
+    sim = presentation.badge(result.simulated, "ran on the CPU")
+    return f"<div><b>{escape(result.label)}</b> {sim}{presentation.pairs(pairs)}{notes}</div>"
+
+
+def show_bench(result) -> None:
+    t = result.timeline
+    figures = [bench_figure(result)]
+    if t is not None and t.intervals:
+        figures += [timeline_figure(t), breakdown_figure(t)]
+    presentation.show(bench_html(result), figures)
+
+
+def timeline_html(timeline) -> str:
+    sim = presentation.badge(timeline.simulated, "ran on the CPU")
+    rows = [[f"cuda:{d}", f"{b:.0%}", *(f"{timeline.breakdown.get(d, {}).get(c, 0.0):.2f}" if timeline.breakdown
+                                          else "n/a" for c in _CATEGORY_COLORS)]
+            for d, b in timeline.busy().items()]
+    table = presentation.table(["GPU", "busy", *(f"{c} ms" for c in _CATEGORY_COLORS)], rows)
+    return (f"<div>{sim}<b>One decode step: {timeline.step_ms:.2f} ms</b>{table}"
+            f"<div style='font-size:11px'>{escape(timeline.note)}</div></div>")
+
+
+def show_timeline(timeline) -> None:
+    presentation.show(timeline_html(timeline), [timeline_figure(timeline), breakdown_figure(timeline)])
 
 
 def compare_figure(comparison):
@@ -97,7 +129,7 @@ def compare_figure(comparison):
             fig.add_bar(x=[key.split("_")[0]], y=[row[key]], name=row["run"], legendgroup=row["run"],
                         showlegend=col == 1, marker_color=_COLORS[i % len(_COLORS)], row=1, col=col,
                         hovertemplate=f"{escape(row['run'])}: %{{y:,.2f}}<extra></extra>")
-    title = "nbgpu.compare" + (" — includes SIMULATED runs (ran on CPU)" if comparison.simulated else "")
+    title = "nbgpu.compare" + presentation.title_suffix(comparison.simulated, "includes runs on the CPU")
     fig.update_layout(barmode="group", title=title, height=380, margin=dict(t=80, b=40))
     fig.update_xaxes(showticklabels=False)
     return fig
@@ -114,8 +146,33 @@ def compare_html(comparison) -> str:
         return f"{v:,.2f}" if isinstance(v, float) else str(v)
 
     columns = [*COLUMNS, "simulated"]
-    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{escape(cell(c, r[c]))}</td>" for c in columns) + "</tr>"
-                   for r in comparison.rows())
-    sim = f"<div>{SIM_BADGE}</div>" if comparison.simulated else ""
-    return f"<div>{sim}<table><tr>{head}</tr>{body}</table>{figure_html(compare_figure(comparison))}</div>"
+    rows = [[cell(c, r[c]) for c in columns] for r in comparison.rows()]
+    sim = presentation.badge(comparison.simulated, "some runs ran on the CPU")
+    return f"<div>{sim}{presentation.table(columns, rows)}</div>"
+
+
+def show_compare(comparison) -> None:
+    presentation.show(compare_html(comparison), [compare_figure(comparison)])
+
+
+def sweep_figure(sweep):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_scatter(x=[r.batch for r in sweep], y=[r.decode_tokens_per_s for r in sweep], mode="lines+markers",
+                    name="decode tokens/s", hovertemplate="batch %{x}: %{y:,.1f} tokens/s<extra></extra>")
+    fig.update_layout(title=f"{sweep.label}: decode tokens/s by batch" +
+                      presentation.title_suffix(any(r.simulated for r in sweep)),
+                      xaxis=dict(title="batch", type="log"), yaxis_title="tokens/s", height=320)
+    return fig
+
+
+def sweep_html(sweep) -> str:
+    rows = [[r.batch, f"{r.decode_tokens_per_s:,.1f}", f"{r.latency_p50_s * 1e3:.2f}"] for r in sweep]
+    sim = presentation.badge(any(r.simulated for r in sweep), "ran on the CPU")
+    return f"<div><b>{escape(sweep.label)}</b> {sim}" + \
+        presentation.table(["batch", "decode tokens/s", "per-token p50 ms"], rows) + "</div>"
+
+
+def show_sweep(sweep) -> None:
+    presentation.show(sweep_html(sweep), [sweep_figure(sweep)] if sweep else [])

@@ -7,22 +7,23 @@
 from __future__ import annotations
 
 from ..units import GiB
+from .presentation import OVER, PALETTE
 
-COLORS = {"weights": "#4C78A8", "KV cache": "#F58518", "activations": "#72B7B2", "context": "#B279A2",
-          "others": "#9D755D", "free": "#E6E6E6"}
-OVER = "#D62728"
-_PALETTE = ["#4C78A8", "#F58518", "#72B7B2", "#B279A2", "#9D755D", "#54A24B", "#EECA3B", "#FF9DA6"]
+COLORS = {"weights": "#4C78A8", "KV cache": "#F58518", "activations": "#72B7B2", "allocator": "#EECA3B",
+          "context": "#B279A2", "communication": "#E45756", "others": "#9D755D", "driver": "#BAB0AC",
+          "reserve": "#D4D4D4", "free": "#F2F2F2"}
 
 
 def memory_bars(labels: list[str], segments: dict[str, list[float]], capacity: list[float], *,
-                title: str | None = None, fig=None, free: bool = True):
+                title: str | None = None, fig=None, free: bool = True, over: list[float] | None = None):
     """Bars of stacked `segments` (name -> bytes per device) with a capacity tick per device. A 'free' segment
     fills up to capacity; a device whose segments exceed its capacity gets a red 'over' segment and a red label.
     With `fig` (a Figure or FigureWidget made by this function) the traces are updated in place."""
     import plotly.graph_objects as go
 
     totals = [sum(vals[i] for vals in segments.values()) for i in range(len(labels))]
-    over = [max(0.0, t - c) for t, c in zip(totals, capacity)]
+    if over is None:  # callers with a rule of their own (a plan's DeviceBudget.over) pass it
+        over = [max(0.0, t - c) for t, c in zip(totals, capacity)]
     shown = [f"<span style='color:{OVER}'>{lab} OVER</span>" if o else lab for lab, o in zip(labels, over)]
     series = dict(segments)
     if free:
@@ -31,7 +32,7 @@ def memory_bars(labels: list[str], segments: dict[str, list[float]], capacity: l
     bars = []
     for k, (name, vals) in enumerate(series.items()):
         gib = [v / GiB for v in vals]
-        color = OVER if name == "over budget" else COLORS.get(name, _PALETTE[k % len(_PALETTE)])
+        color = OVER if name == "over budget" else COLORS.get(name, PALETTE[k % len(PALETTE)])
         bars.append(dict(name=name, x=shown, y=gib, marker_color=color,
                          hovertemplate=f"{name}: %{{y:.2f}} GiB<extra>%{{x}}</extra>"))
     cap = dict(name="budget", x=shown, y=[c / GiB for c in capacity],

@@ -187,15 +187,23 @@ def _process_table(sample: Sample) -> str:
     rows = []
     for g in sample.gpus:
         if g.processes is None:
-            rows.append(f"<tr><td>{escape(g.label)}</td><td colspan=3>process list n/a</td></tr>")
+            rows.append(f"<tr><td>{escape(g.label)}</td><td colspan=4>process list n/a</td></tr>")
             continue
         for p in g.processes:
             own = p.pid in g.own_pids
             style = " style='background:#dbeafe;font-weight:600'" if own else ""
             mem = "n/a" if p.used_memory is None else f"{p.used_memory / 1024**2:,.0f} MiB"
+            owner = sample.owners.get(p.pid)
+            who = (owner.label if owner is not None else None) or ""
             rows.append(f"<tr{style}><td>{escape(g.label)}</td><td>{p.pid}{' (this kernel)' if own else ''}</td>"
-                        f"<td>{escape(p.name or 'n/a')}</td><td>{mem}</td></tr>")
+                        f"<td>{escape(p.name or 'n/a')}</td><td title='{escape(who)}'>{escape(_short(who))}</td>"
+                        f"<td>{mem}</td></tr>")
     if not rows:
         return "<div style='font-size:12px;color:#777'>No process is using the GPUs.</div>"
-    return ("<table style='font-size:12px'><thead><tr><th>GPU</th><th>pid</th><th>process</th><th>memory</th>"
+    return ("<table style='font-size:12px'><thead><tr><th>GPU</th><th>pid</th><th>process</th>"
+            "<th>notebook / command</th><th>memory</th>"
             f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"

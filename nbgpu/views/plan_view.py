@@ -7,7 +7,8 @@ from html import escape
 
 from ..planning.positions import beyond
 from ..units import GiB
-from .memory_bars import _PALETTE, memory_bars
+from . import presentation
+from .memory_bars import memory_bars
 
 _OFFLOAD_COLORS = {"cpu": "#7F7F7F", "disk": "#3B3B3B"}
 
@@ -17,7 +18,9 @@ def _device_label(plan, dev) -> str:
 
 
 def _color(dev) -> str:
-    return _PALETTE[dev % len(_PALETTE)] if isinstance(dev, int) else _OFFLOAD_COLORS.get(dev, "#000")
+    if isinstance(dev, int):
+        return presentation.PALETTE[dev % len(presentation.PALETTE)]
+    return _OFFLOAD_COLORS.get(dev, "#000")
 
 
 def placement_traces(plan) -> list[dict]:
@@ -36,6 +39,12 @@ def placement_traces(plan) -> list[dict]:
         t["x"].append(w)
         t["base"].append(s)
         t["text"].append(f"{u.name} ({u.cls})<br>{u.size / GiB:.3f} GiB on {_device_label(plan, dev)}")
+    if plan.parallel == "tensor":  # every GPU holds a 1/tp slice of every unit: one row per GPU
+        n = plan.tp
+        return [dict(name=f"cuda:{i}", x=[w / n for w in widths], base=[b / n for b in starts],
+                     y=[f"cuda:{i}"] * len(units), marker_color=_color(i),
+                     hovertext=[f"{u.name} ({u.cls})<br>a 1/{n} slice on cuda:{i}" for u in units])
+                for i in range(n)]
     order = sorted(by_dev, key=lambda d: (not isinstance(d, int), str(d) if not isinstance(d, int) else d))
     return [dict(name=_device_label(plan, d), x=by_dev[d]["x"], base=by_dev[d]["base"],
                  y=["model"] * len(by_dev[d]["x"]), hovertext=by_dev[d]["text"], marker_color=_color(d))
@@ -53,8 +62,11 @@ def placement_figure(plan, fig=None):
             fig.add_trace(go.Bar(orientation="h", hoverinfo="text", marker_line_width=0.5,
                                  marker_line_color="white", **t))
         sim = " (simulated GPUs)" if plan.simulated else ""
-        fig.update_layout(barmode="overlay", height=170, title=f"Placement along the depth{sim}",
-                          xaxis_title="GiB of weights, input -> output", yaxis_visible=False,
+        tensor = plan.parallel == "tensor"
+        title = f"Tensor parallel: a slice of every layer on every GPU{sim}" if tensor else \
+            f"Placement along the depth{sim}"
+        fig.update_layout(barmode="overlay", height=140 + (30 * plan.tp if tensor else 30), title=title,
+                          xaxis_title="GiB of weights on each GPU, input -> output", yaxis_visible=tensor,
                           margin=dict(l=20, r=20, t=40, b=40), legend=dict(orientation="h", y=-0.6))
     return fig
 
@@ -80,7 +92,7 @@ def bar_inputs(plan):
 def bars_figure(plan, fig=None):
     labels, segments, capacity = bar_inputs(plan)
     sim = " (simulated GPUs)" if plan.simulated else ""
-    return memory_bars(labels, segments, capacity, fig=fig,
+    return memory_bars(labels, segments, capacity, fig=fig, over=[d.over for d in plan.devices],
                        title=f"Memory per GPU{sim}: weights exact, the rest estimated")
 
 
@@ -90,21 +102,44 @@ def status_html(plan) -> str:
     if plan.fits:
         text, color = "fits", "#2E7D32"
     else:
-        text, color = f"does not fit: {format_size(plan.missing())} missing", "#D62728"
-    sim = "<b style='color:#b45309'>SIMULATED GPUs</b> &middot; " if plan.simulated else ""
+        text, color = f"does not fit: {format_size(plan.missing())} missing", presentation.OVER
+    w = plan.workload
+    how = f"tensor parallel over {plan.tp} GPUs" if plan.parallel == "tensor" else f"strategy {plan.strategy}" \
+        if isinstance(plan.strategy, str) else "placed by hand"
+    head = (f"{_source(plan.source)}: {plan.dtype}, batch {w.batch} x ({w.prompt_len} prompt + {w.new_tokens} new) "
+            f"tokens, {how}")
     counts = ", ".join(f"cuda:{i}: {c}" for i, c in enumerate(plan.layer_counts()))
     pos = beyond(plan)
-    warn = "" if pos is None else (f"<br><b style='color:#b45309'>seq_len {plan.seq_len} exceeds the model's "
-                                   f"positions, {escape(str(pos))}: engines refuse it (see the explanation)</b>")
-    return (f"<div>{sim}<b>{escape(plan.summary_lines()[0].removeprefix('[simulated GPUs] '))}</b><br>"
+    warn = "" if pos is None else (f"<br><b style='color:{presentation.WARN}'>seq_len {plan.seq_len} exceeds the "
+                                   f"model's positions, {escape(str(pos))}: engines refuse it (see the "
+                                   "explanation)</b>")
+    return (f"<div>{presentation.badge(plan.simulated)}<b>{escape(head)}</b><br>"
             f"layers per GPU: {counts} &middot; <b style='color:{color}'>{escape(text)}</b>{warn}</div>")
 
 
-def plan_html(plan, include_plotlyjs="cdn") -> str:
-    """Static HTML: status, placement, memory bars and the explanation (no widgets needed)."""
-    place = placement_figure(plan).to_html(include_plotlyjs=include_plotlyjs, full_html=False)
-    bars = bars_figure(plan).to_html(include_plotlyjs=False, full_html=False)
-    return f"{status_html(plan)}{place}{bars}<pre>{escape(plan.explain())}</pre>"
+def _source(source) -> str:
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        return str(source)
+    if isinstance(source, dict):
+        return f"config dict ({source.get('model_type', '?')})"
+    return type(source).__name__
+
+
+def memory_html(plan) -> str:
+    """Each GPU's figures as a table (what the bars draw)."""
+    from ..units import format_size
+
+    head = ["GPU", "weights", "KV cache", "activations", "allocator", "context", "communication", "others",
+            "driver", "total", "budget", "over"]
+    rows = [[d.label, *(format_size(v) for v in (d.weights, d.kv_cache, d.activations, d.allocator, d.context,
+                                                   d.communication, d.others, d.driver_reserved, d.total, d.budget,
+                                                   d.over))] for d in plan.devices]
+    return presentation.table(head, rows, [f"color:{presentation.OVER}" if d.over else "" for d in plan.devices])
+
+
+def plan_html(plan) -> str:
+    """Static HTML (what a renderer without a kernel shows): status, each GPU's memory, the explanation."""
+    return f"{status_html(plan)}{memory_html(plan)}<pre>{escape(plan.explain())}</pre>"
 
 
 class PlanEditor:
@@ -171,9 +206,12 @@ def widgets_available() -> bool:
 
 
 def display_plan(plan) -> None:
-    from IPython.display import HTML, display
+    """In a kernel: the editor (a handle per GPU boundary) where widgets work and the plan is a layer split; else the
+    status, the placement and the memory bars as figures, and the explanation."""
+    from IPython.display import display
 
-    if widgets_available():
+    if widgets_available() and plan.parallel == "layers" and len(plan.gpus) > 1:
         display(PlanEditor(plan).widget)
     else:
-        display(HTML(plan_html(plan)))
+        presentation.show(status_html(plan), [placement_figure(plan), bars_figure(plan)])
+        presentation.show(f"<pre>{escape(plan.explain())}</pre>")

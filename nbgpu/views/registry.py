@@ -6,7 +6,8 @@ no plotly) until an object is first displayed. In a kernel the widget view is us
 terminal only the text form (the object's repr) shows.
 
 Each entry: (module of the type, type name, "module:function" of the view). A `widget` view displays itself (it
-calls IPython's display); an `html` view returns HTML for the text/html formatter.
+calls IPython's display: HTML, then figures as Plotly's own output type, or a widget); an `html` view returns HTML
+(no figure) for the text/html formatter, which is what a static renderer without a kernel shows.
 """
 
 from __future__ import annotations
@@ -17,9 +18,22 @@ import importlib
 HTML: dict[tuple[str, str], str] = {
     ("nbgpu.devices.topology", "Topology"): "nbgpu.views.topology_view:topology_html",
     ("nbgpu.planning.plan", "Plan"): "nbgpu.views.plan_view:plan_html",
+    ("nbgpu.gpu_table", "GPUTable"): "nbgpu.views.gpu_table_view:gpu_table_html",
+    ("nbgpu.visibility", "Visibility"): "nbgpu.views.gpu_table_view:visibility_html",
+    ("nbgpu.running.load", "LoadReport"): "nbgpu.views.load_view:load_html",
+    ("nbgpu.running.bench", "BenchResult"): "nbgpu.views.bench_view:bench_html",
+    ("nbgpu.running.bench", "Sweep"): "nbgpu.views.bench_view:sweep_html",
+    ("nbgpu.running.compare", "Comparison"): "nbgpu.views.bench_view:compare_html",
+    ("nbgpu.running.timeline", "Timeline"): "nbgpu.views.bench_view:timeline_html",
 }
+# in a kernel: HTML and figures (Plotly's own output type) or widgets
 WIDGET: dict[tuple[str, str], str] = {
     ("nbgpu.planning.plan", "Plan"): "nbgpu.views.plan_view:display_plan",
+    ("nbgpu.running.load", "LoadReport"): "nbgpu.views.load_view:show_load",
+    ("nbgpu.running.bench", "BenchResult"): "nbgpu.views.bench_view:show_bench",
+    ("nbgpu.running.bench", "Sweep"): "nbgpu.views.bench_view:show_sweep",
+    ("nbgpu.running.compare", "Comparison"): "nbgpu.views.bench_view:show_compare",
+    ("nbgpu.running.timeline", "Timeline"): "nbgpu.views.bench_view:show_timeline",
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from html import escape
 
 from ..devices.topology import LEGEND
+from . import presentation
 
 # by the link's code (Link.code), best to worst
 COLORS = {"X": "#e5e7eb", "NV": "#86efac", "PIX": "#d9f99d", "PXB": "#fef08a", "PHB": "#fde68a", "NODE": "#fed7aa",
@@ -24,8 +25,7 @@ def _cell(topo, a: int, b: int) -> str:
 def topology_html(topo) -> str:
     if not topo.gpus:
         return f"<div><b>nbgpu:</b> {escape(topo.message or 'no GPU found')}</div>"
-    badge = ("<span style='background:#f59e0b;color:white;padding:1px 6px;border-radius:3px'>SIMULATED</span> "
-             if topo.simulated else "")
+    badge = presentation.badge(topo.simulated)
     head = "".join(f"<th style='{_TD}'>GPU{g.index}</th>" for g in topo.gpus)
     body = []
     for g in topo.gpus:
