@@ -116,7 +116,7 @@ def test_a_visibility_change_shows_the_new_mapping(shell):
     nbgpu.simulate("4x24GiB")
     data = shown(shell, nbgpu.use("2,0"))
     html, text = data["text/html"], data["text/plain"]
-    assert "SIMULATED GPUs" in html
+    assert "SIMULATED" in html
     assert "cuda:0 -&gt; GPU 2 Simulated GPU 24 GiB (0.0 / 24 GiB used)" in html
     assert "cuda:1 -&gt; GPU 0 Simulated GPU 24 GiB (0.0 / 24 GiB used)" in html
     assert text.splitlines()[0] == "[simulated] CUDA_VISIBLE_DEVICES='2,0', CUDA_DEVICE_ORDER=PCI_BUS_ID"
@@ -196,11 +196,21 @@ def test_placement_draws_each_unit_where_the_plan_puts_it():
     assert "simulated" in fig.layout.title.text
 
 
-def test_the_plan_displays_its_status_figures_and_explanation(shell):
-    plan = nbgpu.plan(small_llama(), gpus="2x24GiB", batch=3, seq_len=100, dtype="float16", strategy=[1, 3])
+LLAMA_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+
+
+def test_the_plan_displays_its_status_memory_and_explanation(shell):
+    plan = nbgpu.plan(LLAMA_8B, gpus="2x24GiB", batch=4, seq_len=4096, strategy=[16, 16])
     html = shown(shell, plan)["text/html"]
-    assert "SIMULATED GPUs" in html and "layers per GPU: cuda:0: 1, cuda:1: 3" in html and ">fits<" in html
-    assert '"name":"KV cache"' in html and '"name":"cuda:1"' in html  # the bars and the placement
+    assert "SIMULATED" in html and "layers per GPU: cuda:0: 16, cuda:1: 16" in html and ">fits<" in html
+    rows = {cells[0]: cells for _, cells in Table(html).rows if cells and cells[0].startswith("cuda:")}
+    head = next(cells for _, cells in Table(html).rows if cells and cells[0] == "GPU")
+    # 16 layers x 8 KV heads x 128 dims x keys and values x 2 bytes x 4 x 4096 tokens = 1 GiB on each GPU
+    kv = head.index("KV cache")
+    assert [cells[kv] for cells in rows.values()] == ["1.0 GiB", "1.0 GiB"]
+    assert [cells[head.index("weights")] for cells in rows.values()] == [nbgpu.format_size(d.weights)
+                                                                          for d in plan.devices]
     assert "Where the figures come from" in html and "Boundary cuda:0 -&gt; cuda:1" in html
     over = nbgpu.plan(small_llama(), gpus="2x24GiB", batch=3, seq_len=100, reserve="23.99GiB")
     assert f"does not fit: {nbgpu.format_size(over.missing())} missing" in shown(shell, over)["text/html"]
@@ -225,13 +235,13 @@ def load_report(simulated: bool) -> LoadReport:
 def test_load_figure_sets_the_plan_beside_each_measurement():
     fig = load_view.load_figure(load_report(simulated=False))
     expected = {"planned weights": [10, 5], "loaded tensors": [10, 5], "allocated (torch)": [11, 4.9],
-                "reserved (torch)": [12, 6], "NVML: this process": [13, 7], "planned total (batch, seq_len)": [14, 8]}
+                "reserved (torch)": [12, 6], "NVML: this process": [13, 7], "planned total (the plan's run)": [14, 8]}
     assert {t.name: list(t.y) for t in fig.data} == {k: pytest.approx(v) for k, v in expected.items()}
     assert list(fig.data[0].x) == ["cuda:0", "cuda:1"] and "SIMULATED" not in fig.layout.title.text
     sim = load_view.load_figure(load_report(simulated=True))
-    assert [t.name for t in sim.data] == ["planned weights", "loaded tensors", "planned total (batch, seq_len)"]
+    assert [t.name for t in sim.data] == ["planned weights", "loaded tensors", "planned total (the plan's run)"]
     assert list(sim.data[0].x) == ["cuda:0 (simulated)", "cuda:1 (simulated)"]
-    assert "SIMULATED GPUs" in sim.layout.title.text
+    assert "SIMULATED" in sim.layout.title.text
 
 
 def test_load_html_flags_a_gpu_that_differs_from_the_plan(shell):
@@ -243,7 +253,7 @@ def test_load_html_flags_a_gpu_that_differs_from_the_plan(shell):
     assert html.count("color:#b91c1c;font-weight:bold'>+10.0%") == 1 and "font-weight:bold'>-2.0%" not in html
     assert "SIMULATED" not in html
     sim = shown(shell, load_report(simulated=True))["text/html"]
-    assert "SIMULATED GPUs — ran on CPU" in sim and "n/a (CPU)" in sim
+    assert "SIMULATED" in sim and "ran on the CPU" in sim and "n/a (CPU)" in sim
 
 
 # --- bench and compare ------------------------------------------------------------------------------------------
@@ -267,7 +277,7 @@ def test_bench_figure_draws_the_latencies_and_the_decode_rate_against_its_bound(
     assert list(rates.x) == ["measured", "bandwidth bound (estimate)"]
     # decode: 2 x 4 tokens in 4/64 s and 8/64 s -> 128 and 64 tokens/s, median 96; bound: 2 / (3 GB / 300 GB/s)
     assert list(rates.y) == pytest.approx([96.0, 200.0])
-    assert fig.layout.title.text == "run A — SIMULATED (ran on CPU)"
+    assert fig.layout.title.text == "run A — SIMULATED (ran on the CPU)"
 
 
 def test_bench_html_shows_the_figures_by_hand(shell):
@@ -280,10 +290,9 @@ def test_bench_html_shows_the_figures_by_hand(shell):
     assert cells["peak memory (torch)"] == "cuda:0 1.0 GiB, cuda:1 512.0 MiB"
     assert cells["busy in one decode step"] == "cuda:0 25%, cuda:1 75%"
     assert cells["runs"] == "2 measured after 1 warm-up (discarded)"
-    assert cells["roofline (estimate)"] == ("200 tokens/s for the simulated GPUs (the run was on the CPU); estimate: "
-                                            "peak memory bandwidth (NVML clocks / known GPUs table); real kernels "
-                                            "reach 80-90%")
-    assert "SIMULATED GPUs — ran on CPU" in html
+    # 3 GB read at 300 GB/s: 10 ms a step for 2 sequences
+    assert cells["roofline (estimate)"].startswith("200 tokens/s — cuda:0 2.8 GiB at 0.30 TB/s (estimate")
+    assert "SIMULATED" in html and "ran on the CPU" in html
     real = shown(shell, bench_result(simulated=False))["text/html"]
     assert "SIMULATED" not in real and "reached 25.0%" in real  # 50 of 200 tokens/s
 
@@ -293,7 +302,8 @@ def test_timeline_figure_draws_each_busy_block_where_it_ran():
     fig = bench_view.timeline_figure(result.timeline)
     assert [(list(t.y), list(t.base), list(t.x)) for t in fig.data] == [(["cuda:0"], [0.0], [2.0]),
                                                                         (["cuda:1"], [2.0], [6.0])]
-    assert fig.layout.title.text == "One decode step (8.00 ms): busy cuda:0 25%, cuda:1 75% — SIMULATED (ran on CPU)"
+    assert fig.layout.title.text == ("One decode step (8.00 ms): busy cuda:0 25%, cuda:1 75% — SIMULATED "
+                                     "(ran on the CPU)")
 
 
 def test_compare_draws_one_bar_per_run_and_figure(shell):
@@ -358,7 +368,7 @@ def test_the_monitor_plots_used_memory_and_utilisation_over_time(monkeypatch):
     processes = Table(view.processes.value).rows
     own = [(style, cells) for style, cells in processes if cells and cells[1].endswith("(this kernel)")]
     assert [cells[0] for _, cells in own] == ["GPU 0 cuda:0", "GPU 1 cuda:1"] and all(s for s, _ in own)
-    assert [cells[3] for _, cells in own] == ["8,192 MiB", "5,120 MiB"]
+    assert [cells[-1] for _, cells in own] == ["8,192 MiB", "5,120 MiB"]
     strangers = [(style, cells) for style, cells in processes if cells and cells[1] == str(STRANGER)]
     assert len(strangers) == 2 and not any(style for style, _ in strangers)
     view.close()
