@@ -40,8 +40,9 @@ MODULES = {
     "views": ["nbgpu/views/*"],
     "magics": ["nbgpu/magics.py"],
 }
-# run in another process (a kernel, a browser): mutmut cannot follow them, and they take minutes
-LEFT_OUT_FILES = ["tests/test_notebooks.py", "tests/test_browser.py"]
+# run in another process (a kernel, a browser, a fresh environment): mutmut cannot follow them, and they take minutes
+LEFT_OUT_FILES = ["tests/test_notebooks.py", "tests/test_browser.py", "tests/test_panel_browser.py",
+                  "tests/test_wheel.py"]
 LEFT_OUT_TESTS = [
     "tests/test_monitor.py::test_in_a_kernel_the_widget_shows_and_other_cells_get_no_output_from_the_poller",
 ]
@@ -178,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--modules", default=",".join(MODULES), help="core modules to mutate (comma-separated)")
     p.add_argument("--sample", type=int, help="a random sample of this many mutants per module (default: all)")
     p.add_argument("--seed", type=int, default=1, help="the sample's seed (the same seed, the same mutants)")
+    p.add_argument("--mutants-from", type=Path, help="run only the mutants named in this file (one per line), e.g. "
+                                                     "the survivors of an earlier run")
     p.add_argument("--ci", action="store_true", help="the CI sample: %s" % ", ".join(CI_FILES))
     p.add_argument("--ref", help="mutate this commit instead of the working tree (e.g. main, to compare)")
     p.add_argument("--workdir", type=Path, default=ROOT / ".mutation", help="scratch copy (default .mutation/)")
@@ -209,7 +212,10 @@ def main(argv=None) -> int:
 
     chosen = None
     names: list[str] = []
-    if args.sample:
+    if args.mutants_from:
+        names = [n.strip() for n in args.mutants_from.read_text().splitlines() if n.strip()]
+        chosen = set(names)
+    elif args.sample:
         generate(workdir)
         rng = random.Random(args.seed)
         by_module = defaultdict(list)

@@ -56,7 +56,7 @@ def shown_html(obj) -> str:
 
 
 # In CI these tests must run: a skip there (no chromium, no kernel) fails the run instead of passing quietly.
-REQUIRED_IN_CI = ("tests/test_browser.py", "tests/test_notebooks.py")
+REQUIRED_IN_CI = ("tests/test_browser.py", "tests/test_panel_browser.py", "tests/test_notebooks.py")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -18,16 +18,14 @@ import threading
 import time
 from types import SimpleNamespace
 
+import psutil
 import pytest
+import torch
+import transformers
+from tp_helpers import FailOnRank, PrintEachStep, SlowSteps  # (tests/ is on sys.path: conftest)
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-psutil = pytest.importorskip("psutil")
-
-from tp_helpers import FailOnRank, PrintEachStep, SlowSteps  # noqa: E402  (tests/ is on sys.path: conftest)
-
-import nbgpu  # noqa: E402
-from nbgpu import devices  # noqa: E402
+import nbgpu
+from nbgpu import devices
 from nbgpu.devices.simulated import CONTEXT_BYTES, SimulatedGPUs  # noqa: E402
 from nbgpu.errors import UsageError  # noqa: E402
 from nbgpu.running import tensor_parallel as tp  # noqa: E402
