@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -135,7 +136,35 @@ def results(workdir: Path) -> dict[str, dict[str, int | None]]:
     return out
 
 
-def table(found: dict, chosen: set[str] | None) -> tuple[str, dict[str, float]]:
+_DIFFS = """
+import json, sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+out = {}
+for name in json.load(sys.stdin):
+    try:
+        out[name] = get_diff_for_mutant(name)
+    except Exception as err:  # a mutant mutmut cannot show: counted as not text-only
+        out[name] = f"(no diff: {err})"
+print(json.dumps(out))
+"""
+_STRING = re.compile(r"""([rRbBfFuU]{0,2})("|')(?:\\.|(?!\2).)*\2""")
+
+
+def diffs(workdir: Path, names: list[str]) -> dict[str, str]:
+    """Each mutant's diff, from mutmut in one process."""
+    done = subprocess.run([sys.executable, "-c", _DIFFS], cwd=workdir, input=json.dumps(names), text=True,
+                          capture_output=True, check=True)
+    return json.loads(done.stdout)
+
+
+def text_only(diff: str) -> bool:
+    """True when the mutant changes nothing but the text inside string literals (a message, a label, a help)."""
+    minus = [_STRING.sub('""', x[1:]) for x in diff.splitlines() if x.startswith("-") and not x.startswith("---")]
+    plus = [_STRING.sub('""', x[1:]) for x in diff.splitlines() if x.startswith("+") and not x.startswith("+++")]
+    return bool(minus) and minus == plus
+
+
+def table(found: dict, chosen: set[str] | None, text: set[str]) -> tuple[str, dict[str, float]]:
     per_module: dict[str, Counter] = defaultdict(Counter)
     per_file: dict[str, Counter] = defaultdict(Counter)
     for path, codes in found.items():
@@ -144,18 +173,23 @@ def table(found: dict, chosen: set[str] | None) -> tuple[str, dict[str, float]]:
             if module is None or (chosen is not None and name not in chosen):
                 continue
             status = STATUS.get(code, "suspicious")
-            per_module[module][status] += 1
-            per_file[path][status] += 1
-    lines = [f"{'module':<12} {'tried':>6} {'killed':>7} {'survived':>9} {'no tests':>9} {'other':>6} {'score':>7}"]
+            for tally in (per_module[module], per_file[path]):
+                tally[status] += 1
+                if status != "not run" and name not in text:
+                    tally["code " + status] += 1
+    lines = [f"{'module':<12} {'tried':>6} {'killed':>7} {'survived':>9} {'no tests':>9} {'other':>6} {'score':>7}"
+             f"   {'score, text-only mutants apart':>30}"]
     scores = {}
     for module in MODULES:
         c = per_module.get(module)
         if not c:
             continue
         tried = sum(c[s] for s in ("killed", "survived", "no tests", "suspicious"))
+        code = sum(c["code " + s] for s in ("killed", "survived", "no tests", "suspicious"))
         scores[module] = 100 * c["killed"] / tried if tried else 0.0
+        apart = f"{100 * c['code killed'] / code:.1f}% of {code}" if code else "n/a"
         lines.append(f"{module:<12} {tried:>6} {c['killed']:>7} {c['survived']:>9} {c['no tests']:>9} "
-                     f"{c['suspicious']:>6} {scores[module]:>6.1f}%")
+                     f"{c['suspicious']:>6} {scores[module]:>6.1f}%   {apart:>30}")
         for path in sorted(p for p in per_file if module_of(p) == module):
             f = per_file[path]
             n = sum(f[s] for s in ("killed", "survived", "no tests", "suspicious"))
@@ -233,8 +267,12 @@ def main(argv=None) -> int:
         print(log.read_text()[-3000:])
         return 2
     found = results(workdir)
-    text, scores = table(found, chosen)
-    print(text)
+    tried = [n for codes in found.values() for n, c in codes.items()
+             if c is not None and (chosen is None or n in chosen)]
+    text = {n for n, d in diffs(workdir, tried).items() if text_only(d)}
+    report, scores = table(found, chosen, text)
+    print(report)
+    print(f"{len(text)} of the {len(tried)} mutants tried change only the text of a string (a message, a label)")
     print(f"({time.monotonic() - started:.0f} s{', stopped at the time limit' if code == 124 else ''})")
     if args.survivors:
         write_survivors(workdir, found, chosen, args.survivors, log)

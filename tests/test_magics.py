@@ -116,3 +116,23 @@ def test_a_gpu_named_twice_in_the_magic_is_refused_not_merged():
     assert devices.simulated().visible is None  # nothing chosen
     vis = gpus_magic("1,0")
     assert [t.gpu.index for t in vis.targets] == [1, 0]  # the order given is the cuda order
+
+
+def test_auto_limits_given_to_the_magic_reach_the_choice(fake_nvml):
+    # GPU 0: 70 GiB free but busy; GPU 1: 40 GiB free and idle; GPU 2: 10 GiB free and idle
+    fake_nvml([FakeGPU(uuid(0), used=10 * 1024**3, util=90), FakeGPU(uuid(1), used=40 * 1024**3, util=0),
+               FakeGPU(uuid(2), used=70 * 1024**3, util=0)])
+    assert [t.gpu.index for t in gpus_magic("--auto 1").targets] == [0]  # the most free memory
+    assert [t.gpu.index for t in gpus_magic("--auto 1 --max-util 10").targets] == [1]
+    with pytest.raises(UsageError, match="only 1 qualify"):
+        gpus_magic("--auto 2 --min-free 30GiB --max-util 10")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"  # the refused call changed nothing
+
+
+@pytest.mark.parametrize("line, message", [("go", "invalid choice: 'go'"), ("--help", "usage: %gpu_monitor")])
+def test_gpu_monitor_magic_refuses_what_it_cannot_read(line, message):
+    from nbgpu.magics import gpu_monitor_magic
+
+    devices.simulate("2x24GiB")
+    with pytest.raises(UsageError, match=message):
+        gpu_monitor_magic(line)
