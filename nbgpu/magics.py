@@ -10,9 +10,8 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 
-from . import devices, gpu_table, visibility
+from . import checks, devices, gpu_table, visibility
 from .errors import UsageError
 
 
@@ -38,7 +37,7 @@ def _gpus_parser() -> _Parser:
 
 def gpus_magic(line: str):
     """What `%gpus LINE` returns: the GPU table, or the new cuda:N mapping."""
-    args = _gpus_parser().parse_args(shlex.split(line))
+    args = _gpus_parser().parse_args(checks.shell_words(line, "%gpus"))
     if args.simulate is not None:
         if args.selection is not None or args.auto is not None:
             raise UsageError("--simulate replaces the inventory; choose GPUs in a second `%gpus` call")
@@ -64,7 +63,7 @@ def _monitor_parser() -> _Parser:
 def gpu_monitor_magic(line: str):
     from . import monitoring
 
-    args = _monitor_parser().parse_args(shlex.split(line))
+    args = _monitor_parser().parse_args(checks.shell_words(line, "%gpu_monitor"))
     if args.action == "stop":
         return monitoring.stop_all()
     return monitoring.monitor(interval=args.interval, history=args.history,

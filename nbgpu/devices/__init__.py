@@ -23,6 +23,8 @@ def simulated() -> SimulatedGPUs | None:
 def simulate(spec: str | None) -> SimulatedGPUs | None:
     """Replace the inventory with simulated GPUs ('4x24GiB', '2xA100-80GB', ...); None or 'off' returns to NVML."""
     global _simulated
+    if spec is not None and not isinstance(spec, str):
+        raise SimulateSpecError(f"simulate takes a spec such as '4x24GiB' (or 'off'), not {type(spec).__name__}")
     if spec is None or spec.strip().lower() == "off":
         _simulated = None
         return None

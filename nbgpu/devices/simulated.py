@@ -26,31 +26,42 @@ class SimulateSpecError(UsageError):
     pass
 
 
+MAX_SIMULATED = 64  # GPUs in one simulated set
+
+
 def parse_simulate_spec(text: str) -> list[tuple[str, int, specs.GPUSpec | None]]:
     """'4x24GiB', '2xA100-80GB', 'H100', '8xT4', '24GiB,80GiB' -> [(name, memory, spec or None), ...]."""
+    if not isinstance(text, str):
+        raise SimulateSpecError(f"a simulate spec is a string such as '4x24GiB', not {type(text).__name__}")
     out = []
     for item in [p.strip() for p in text.split(",")]:
         if not item:
-            raise SimulateSpecError(f"empty item in {text!r}")
-        match = re.fullmatch(r"(?:(\d+)\s*[xX*]\s*)?(.+)", item)
+            raise SimulateSpecError(f"empty item in {_short(text)!r}: write e.g. 4x24GiB or 24GiB,80GiB")
+        match = re.fullmatch(r"(?:(\d{1,6})\s*[xX*]\s*)?(.+)", item, re.ASCII | re.DOTALL)
         count, what = int(match.group(1) or 1), match.group(2).strip()
-        if count < 1 or count > 64:
-            raise SimulateSpecError(f"{count} GPUs in {item!r}: give between 1 and 64")
+        if count < 1 or count > MAX_SIMULATED:
+            raise SimulateSpecError(f"{count} GPUs in {_short(item)!r}: give between 1 and {MAX_SIMULATED}")
         spec = specs.lookup(what)
         if spec is not None:
             out += [(spec.name, spec.memory, spec)] * count
-            continue
-        try:
-            memory = parse_size(what)
-        except SizeError:
-            raise SimulateSpecError(
-                f"cannot read {item!r}: write COUNTxSIZE (4x24GiB), COUNTxNAME (2xA100-80GB), a name (H100) "
-                f"or sizes separated by commas (24GiB,80GiB). Known names: {', '.join(specs.known_names())}"
-            ) from None
-        if memory < GiB:
-            raise SimulateSpecError(f"{item!r} is smaller than 1 GiB: did you mean {what}GiB?")
-        out += [(f"Simulated GPU {format_size(memory, digits=0)}", memory, None)] * count
+        else:
+            try:
+                memory = parse_size(what)
+            except SizeError:
+                raise SimulateSpecError(
+                    f"cannot read {_short(item)!r}: write COUNTxSIZE (4x24GiB), COUNTxNAME (2xA100-80GB), a name "
+                    f"(H100) or sizes separated by commas (24GiB,80GiB). Known names: {', '.join(specs.known_names())}"
+                ) from None
+            if memory < GiB:
+                raise SimulateSpecError(f"{_short(item)!r} is smaller than 1 GiB: did you mean {_short(what)}GiB?")
+            out += [(f"Simulated GPU {format_size(memory, digits=0)}", memory, None)] * count
+        if len(out) > MAX_SIMULATED:
+            raise SimulateSpecError(f"{_short(text)!r} names {len(out)} GPUs or more: simulate at most {MAX_SIMULATED}")
     return out
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class SimulatedGPUs:
