@@ -74,6 +74,11 @@ class MonitorView:
             self.processes.value = _process_table(sample)
             self._draw_header()
 
+    def failed(self, error) -> None:
+        """A poll failed: the status line says so (the error is kept in the monitor's `errors`)."""
+        with self._lock:
+            self._draw_header()
+
     def stopped(self, reason: str) -> None:
         self.stop_button.disabled = True
         self._draw_header()
