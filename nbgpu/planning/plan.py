@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 
+from .. import checks
 from ..devices import GPU
 from ..errors import UsageError
 from ..units import GiB, format_size, parse_size
@@ -53,21 +55,22 @@ class DeviceBudget:
 
 def resolve_gpus(gpus) -> list[GPU]:
     """None: the visible GPUs (cuda:N order); an int: the first N of them; a simulate spec ('2x24GiB',
-    '24GiB,80GiB', 'A100-80GB'); or a list of inventory GPUs and/or sizes ('24GiB', 80e9)."""
+    '24GiB,80GiB', 'A100-80GB'); or a list of inventory GPUs, sizes ('24GiB', 80e9) and specs."""
     from ..devices.simulated import SimulatedGPUs
     from ..visibility import current
 
-    if gpus is None or (isinstance(gpus, int) and not isinstance(gpus, bool)):
+    if gpus is None or (isinstance(gpus, numbers.Integral) and not isinstance(gpus, bool)):
         visible = [t.gpu for t in current().targets]
         if gpus is None:
             if not visible:
                 raise UsageError("no GPU is visible to plan for: pass gpus='2x24GiB' (or a list of sizes) to plan "
                                  "for GPUs this machine does not have, or run nbgpu.simulate('4x24GiB')")
             return visible
-        if gpus < 1 or gpus > len(visible):
-            raise UsageError(f"gpus={gpus}: this kernel sees {len(visible)} GPU(s); give 1..{len(visible)} "
+        count = checks.integer(gpus, "gpus", 1, checks.MAX_GPUS)
+        if count > len(visible):
+            raise UsageError(f"gpus={count}: this kernel sees {len(visible)} GPU(s); give 1..{len(visible)} "
                              "or a spec such as '4x24GiB'")
-        return visible[:gpus]
+        return visible[:count]
     if isinstance(gpus, str):
         return list(SimulatedGPUs(gpus).read().gpus)
     if isinstance(gpus, (list, tuple)):
@@ -75,15 +78,20 @@ def resolve_gpus(gpus) -> list[GPU]:
         for item in gpus:
             if isinstance(item, GPU):
                 out.append(item)
-            elif isinstance(item, (str, int, float)) and not isinstance(item, bool):
-                spec = item if isinstance(item, str) else f"{int(item)}B"
-                out.append(replace(SimulatedGPUs(spec).read().gpus[0], index=len(out)))
+            elif isinstance(item, str):
+                out += [replace(g, index=len(out) + i) for i, g in enumerate(SimulatedGPUs(item).read().gpus)]
+            elif isinstance(item, numbers.Real) and not isinstance(item, bool):
+                nbytes = checks.size(item, "a GPU's memory in gpus=", allow_zero=False)
+                out.append(replace(SimulatedGPUs(f"{nbytes}B").read().gpus[0], index=len(out)))
             else:
-                raise UsageError(f"cannot read {item!r} as a GPU: give an inventory GPU or a size such as '24GiB'")
+                raise UsageError(f"cannot read {checks.shown(item)} as a GPU: give an inventory GPU or a size such as "
+                                 "'24GiB'")
+            if len(out) > checks.MAX_GPUS:
+                raise UsageError(f"gpus= names more than {checks.MAX_GPUS} GPUs: plan for at most {checks.MAX_GPUS}")
         if not out:
             raise UsageError("gpus=[] names no GPU")
         return out
-    raise UsageError(f"cannot read gpus={gpus!r}: give None, a count, a spec such as '2x24GiB', or a list")
+    raise UsageError(f"cannot read gpus={checks.shown(gpus)}: give None, a count, a spec such as '2x24GiB', or a list")
 
 
 def _cpu_available() -> int:
@@ -129,6 +137,25 @@ class Plan:
     @property
     def dtype(self) -> str:
         return self._meta.dtype
+
+    @property
+    def fingerprint(self) -> dict | None:
+        """The checkpoint folder as it was when planned (config hash, weight files and sizes); None otherwise."""
+        return self._meta.fingerprint
+
+    @property
+    def max_positions(self) -> int | None:
+        """Tokens the model has positions for (max_position_embeddings), or None where the config has no limit."""
+        from .sources import max_positions
+
+        return max_positions(self.config)
+
+    @property
+    def exceeds_positions(self) -> bool:
+        """True when the planned sequence is longer than the model's positions (a plan may still be made: the
+        memory figures hold, but the model cannot run that long without rope scaling or the like)."""
+        limit = self.max_positions
+        return limit is not None and self.seq_len > limit
 
     @property
     def simulated(self) -> bool:
@@ -284,8 +311,11 @@ class Plan:
     def move(self, modules, device) -> Plan:
         """Move modules ('model.layers.20-31', a name, or a list) to a device (cuda index, 'cpu', 'disk').
         Refused with the plan unchanged when a name is unknown, inside a no-split module, or splits tied weights."""
-        strategies.check_device(device, self.targets, modules)
+        device = strategies.check_device(device, self.targets, modules)
         names = strategies.select(self._meta, modules)
+        if not names:
+            raise UsageError(f"{checks.shown(modules)} names no module: give a module name, a range such as "
+                             "'model.layers.20-31', or a list of them")
         new = dict(self._assignment)
         for name in names:
             new[name] = device
@@ -297,6 +327,11 @@ class Plan:
 
     def set_boundaries(self, counts: list[int]) -> Plan:
         """Decoder layers per GPU in order (e.g. [14, 18]); the editor's handles call this."""
+        if hasattr(counts, "tolist") and not isinstance(counts, (list, tuple)):  # a numpy array
+            counts = counts.tolist()
+        if not isinstance(counts, (list, tuple)):
+            raise UsageError(f"set_boundaries takes a list of layer counts per GPU, e.g. [14, 18], not "
+                             f"{checks.shown(counts)}")
         new = self._tie_followers(strategies.manual(self._meta, list(counts), self.targets), None)
         self._check_tied(new)
         self._assignment, self._raw_map, self.strategy = new, None, "manual"
@@ -316,8 +351,9 @@ class Plan:
     def with_batch(self, batch: int | None = None, seq_len: int | None = None) -> Plan:
         """The same model, GPUs and strategy, planned again for another batch and/or sequence length."""
         strategy = self.strategy.split("+")[0] if self.strategy != "manual" else "balanced"
-        return Plan(self._meta, self.gpus, batch=_positive(batch or self.batch, "batch"),
-                    seq_len=_positive(seq_len or self.seq_len, "seq_len"), strategy=strategy, reserve=self.reserve,
+        batch = self.batch if batch is None else checks.integer(batch, "batch", 1, checks.MAX_BATCH)
+        seq_len = self.seq_len if seq_len is None else checks.integer(seq_len, "seq_len", 1, checks.MAX_TOKENS)
+        return Plan(self._meta, self.gpus, batch=batch, seq_len=seq_len, strategy=strategy, reserve=self.reserve,
                     context=self.context, offload=self.offload, cpu_memory=self.cpu_memory)
 
     # --- explanations and exports (see explain.py, exports.py) -------------------------------------------
@@ -331,20 +367,23 @@ class Plan:
         return sum(d.over for d in self.devices) + self._cpu_over
 
     def to_dict(self) -> dict:
-        from .exports import to_dict
+        """The plan as the JSON object `save` writes (format nbgpu-plan/2, docs/plan-format.md)."""
+        from .plan_file import to_dict
 
         return to_dict(self)
 
     def save(self, path) -> None:
-        from .exports import save
+        """Write the plan as JSON; the file is written whole and renamed, so a failure leaves an old one intact."""
+        from .plan_file import save
 
         save(self, path)
 
     @classmethod
-    def load(cls, path) -> Plan:
-        from .exports import load
+    def load(cls, path, trust_remote_code: bool = False) -> Plan:
+        """A plan from `save`, validated field by field; reads neither the network nor the model's folder."""
+        from .plan_file import load
 
-        return load(path)
+        return load(path, trust_remote_code)
 
     def ktransformers_rules(self) -> str:
         from .exports import ktransformers_rules
@@ -415,14 +454,9 @@ def _span(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)} modules)"
 
 
-def _positive(value, what) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{what} must be a whole number of at least 1, not {value!r}")
-    return value
-
-
 def plan(model, gpus=None, dtype="bfloat16", batch: int = 1, seq_len: int = 2048, strategy="balanced",
-         reserve=DEFAULT_RESERVE, offload=False, context=memory.DEFAULT_CONTEXT, cpu_memory=None) -> Plan:
+         reserve=DEFAULT_RESERVE, offload=False, context=memory.DEFAULT_CONTEXT, cpu_memory=None,
+         trust_remote_code: bool = False) -> Plan:
     """Plan where each layer of a causal LM goes and what every GPU will hold, before loading anything.
 
     model: local checkpoint folder, config object or dict (with 'model_type'), or hub id (config only).
@@ -433,14 +467,19 @@ def plan(model, gpus=None, dtype="bfloat16", batch: int = 1, seq_len: int = 2048
     reserve: memory kept free on every GPU; context: CUDA context + framework overhead per GPU in use.
     offload: False (report what is missing), 'cpu' (offload to CPU memory), 'disk' or True (CPU, then disk).
     cpu_memory: CPU memory offered for offload (default: available RAM now).
+    trust_remote_code: run code shipped with the model (its config's auto_map) to build it; off unless you say so.
     """
-    if offload not in (False, None, True, "cpu", "disk"):
-        raise UsageError(f"offload must be False, 'cpu', 'disk' or True, not {offload!r}")
+    batch = checks.integer(batch, "batch", 1, checks.MAX_BATCH)
+    seq_len = checks.integer(seq_len, "seq_len", 1, checks.MAX_TOKENS)
+    dtype = checks.dtype(dtype)
+    reserve, context = checks.size(reserve, "reserve"), checks.size(context, "context")
+    cpu_memory = checks.optional_size(cpu_memory, "cpu_memory")
+    offload = checks.choice(offload, "offload", (False, None, True, "cpu", "disk"))
+    trust_remote_code = checks.boolean(trust_remote_code, "trust_remote_code")
     gpu_list = resolve_gpus(gpus)
     reserve_b, context_b = parse_size(reserve), parse_size(context)
     cpu_b = None if cpu_memory is None else parse_size(cpu_memory)
-    batch, seq_len = _positive(batch, "batch"), _positive(seq_len, "seq_len")
-    meta = build(model, dtype_name(dtype))
+    meta = build(model, dtype_name(dtype), trust_remote_code=trust_remote_code)
     return Plan(meta, gpu_list, batch=batch, seq_len=seq_len, strategy=strategy, reserve=reserve_b,
                 context=context_b, offload=offload or False, cpu_memory=cpu_b)
 

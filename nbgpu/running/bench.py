@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .. import devices
 from ..errors import UsageError
 from ..units import format_size
-from . import oom, placement, roofline, timeline
+from . import arguments, oom, placement, roofline, timeline
 from .load import SIMULATED_NOTE
 
 
@@ -185,7 +185,10 @@ def bench(model, batch: int = 1, prompt_len: int = 128, new_tokens: int = 128, r
     Random prompts of `prompt_len` tokens by default; with `tokenizer` and `prompt`, that text (its length sets
     prompt_len). `compile=True` uses transformers' static cache and torch.compile (CUDA only; two warm-up runs at
     least, the first compiles). `explain` adds the roofline estimate and a timeline of one decode step.
+    The prompt plus the new tokens must fit the model's positions (max_position_embeddings).
     """
+    batch, prompt_len, new_tokens, repeats, warmup, compile, label, explain, seed = arguments.bench_arguments(
+        model, batch, prompt_len, new_tokens, repeats, warmup, compile, tokenizer, prompt, label, explain, seed)
     for name, value, low in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 2),
                              ("repeats", repeats, 1), ("warmup", warmup, 0)):
         if not isinstance(value, int) or value < low:

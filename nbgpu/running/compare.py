@@ -55,6 +55,9 @@ class Comparison:
 
 def compare(results) -> Comparison:
     """A table and chart of BenchResults (a list, or a dict label -> result, whose labels are then used)."""
+    if isinstance(results, (str, bytes, BenchResult)) or not isinstance(results, (dict, list, tuple)):
+        raise UsageError(f"compare takes a list of nbgpu.bench results (or a dict label -> result), not "
+                         f"{type(results).__name__}")
     if isinstance(results, dict):
         items = []
         for label, r in results.items():

@@ -10,11 +10,11 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 
-from .. import devices, visibility
+from .. import checks, devices, visibility
 from ..errors import UsageError
 from ..planning.meta_model import dtype_name
 from ..units import format_size
-from . import oom, placement
+from . import arguments, oom, placement
 
 SIMULATED_NOTE = "simulated — ran on CPU"
 TOLERANCE = 0.05  # measured vs planned: a larger difference is worth a warning
@@ -93,6 +93,7 @@ class LoadReport:
         return load_html(self)
 
 
+@arguments.library_errors("the model could not be loaded")
 def load(plan_or_model, *, show: bool = True, **from_pretrained_kwargs):
     """Load a model with transformers and measure the memory it took on each GPU.
 
@@ -101,7 +102,11 @@ def load(plan_or_model, *, show: bool = True, **from_pretrained_kwargs):
     Returns the model; `model.nbgpu_load` holds the `LoadReport`, which is also displayed in a notebook (`show`).
     With simulated GPUs the model runs on the CPU and the memory is recorded on the simulated GPUs.
     Out of memory: everything is released and `NotEnoughMemory` says what was missing and which plan would fit.
+    Code shipped with the model never runs unless you pass trust_remote_code=True; a plan is refused when its
+    folder no longer holds the checkpoint it was made for.
     """
+    show = checks.boolean(show, "show")
+    arguments.load_arguments(plan_or_model, from_pretrained_kwargs)
     plan = None if isinstance(plan_or_model, (str, os.PathLike)) else plan_or_model
     sim = devices.simulated()
     source, kwargs = _arguments(plan, plan_or_model, sim, from_pretrained_kwargs)
