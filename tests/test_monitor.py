@@ -10,6 +10,7 @@ import threading
 import time
 
 import fake_pynvml
+import numpy as np
 import pytest
 
 import nbgpu
@@ -348,3 +349,70 @@ def test_in_a_kernel_the_widget_shows_and_other_cells_get_no_output_from_the_pol
     assert [(o.output_type, o.get("text")) for o in quiet] == [("stream", "only this\n")]
     assert rerun[0].text == "True 1\n"
     assert stopped[0].text == "True [] False\n"
+
+
+# --- intervals and a poller that fails ------------------------------------------------------------------
+
+@pytest.mark.parametrize("interval", [float("inf"), 1e10, float("nan"), -1, 3601, "1", True])
+def test_an_interval_that_is_not_a_finite_number_of_seconds_up_to_an_hour_is_refused(sim, interval):
+    with pytest.raises(UsageError, match="interval"):
+        monitor(interval=interval)
+    assert pollers() == 0
+
+
+def test_the_magic_refuses_an_infinite_interval(sim):
+    from nbgpu.magics import gpu_monitor_magic
+
+    with pytest.raises(UsageError, match="interval"):
+        gpu_monitor_magic("--interval inf")
+    assert pollers() == 0
+
+
+def test_a_poller_that_fails_stops_with_a_visible_reason_and_prints_nothing(sim, monkeypatch, capsys):
+    """The finding: interval=inf killed the thread with OverflowError, printed by Python's thread hook into the next
+    cell, with monitor.errors empty. The interval is now refused up front, so the failure is forced here."""
+    hooked = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: hooked.append(args))
+    m = Monitor(interval=0.05, start=False)
+    m.widget  # noqa: B018 - the status line to watch
+    m.interval = 1e10  # past the check: what an infinite interval did to the poller
+    m.start()
+    assert wait_for(lambda: not m.running)
+    assert pollers() == 0 and hooked == []
+    assert len(m.errors) == 1 and m.errors[0].message.startswith("OverflowError")
+    assert m.stopped_because.startswith("stopped: the poller failed (OverflowError")
+    assert "the poller failed" in m._view.header.value and "OverflowError" in m._view.header.value
+    assert "the poller failed (OverflowError" in repr(m)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_failed_poll_shows_on_the_status_line_and_polling_goes_on(sim):
+    calls = {"n": 0}
+
+    def read_once_broken():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("NVML hiccup")
+        return devices.read()
+
+    m = monitor(interval=0.05, read=read_once_broken)
+    view = (m.widget, m._view)[1]
+    assert wait_for(lambda: calls["n"] >= 5)
+    assert m.running and len(m.errors) == 1
+    assert "NVML hiccup" in view.header.value and "1 error(s)" in view.header.value
+    assert "last: RuntimeError: NVML hiccup" in repr(m)
+
+
+@pytest.mark.parametrize("kwargs", [dict(history=np.int64(5)), dict(gpus=np.int64(1)), dict(gpus=(0, np.int32(1)))])
+def test_numpy_integers_are_taken(sim, kwargs):
+    m = monitor(interval=0.05, **kwargs)
+    m.stop()
+    assert isinstance(m.history_length, int) and all(type(g) is int for g in (m.gpus or ()))
+
+
+@pytest.mark.parametrize("kwargs", [dict(gpus=1.5), dict(gpus=True), dict(show=5), dict(temperature="yes"),
+                                    dict(history=True), dict(history=10**9), dict(read="nvml"), dict(gpus=[-1])])
+def test_arguments_of_the_wrong_kind_are_usage_errors(sim, kwargs):
+    with pytest.raises(UsageError):
+        monitor(**kwargs)
+    assert pollers() == 0
