@@ -37,3 +37,20 @@ def fake_nvml(monkeypatch):
         return module
 
     return install
+
+
+try:  # property-based tests (tests/test_properties*.py); profiles: NBGPU_HYPOTHESIS=ci (default) or thorough
+    from hypothesis import HealthCheck, settings
+except ImportError:
+    pass
+else:
+    # ci: the same examples on every run (derandomize), no example database written into the checkout, no
+    # deadline (a plan takes tens of milliseconds on a busy CI core). The example counts are set per test and
+    # multiplied by NBGPU_HYPOTHESIS_SCALE; thorough draws fresh examples each run, ten times as many.
+    settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                                     HealthCheck.filter_too_much, HealthCheck.data_too_large])
+    settings.register_profile("thorough", parent=settings.get_profile("ci"), derandomize=False)
+    settings.load_profile(os.environ.get("NBGPU_HYPOTHESIS", "ci"))
+    if os.environ.get("NBGPU_HYPOTHESIS") == "thorough":
+        os.environ.setdefault("NBGPU_HYPOTHESIS_SCALE", "10")

@@ -82,9 +82,10 @@ def build(source, dtype: str = "bfloat16", trust_remote_code: bool = False, conf
         check_config(config)
     name = dtype_name(dtype)
 
-    def from_config():
-        with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, name),
+    def from_config():  # on a copy: from_config writes the dtype into the config it is given (the user's object)
+        # torch's meta device as well: transformers then skips initialising weights that hold no data
+        with init_empty_weights(), torch.device("meta"):
+            return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=getattr(torch, name),
                                                     trust_remote_code=trust_remote_code)
 
     model = from_library(f"transformers cannot build {type(config).__name__} as a causal language model",

@@ -350,7 +350,8 @@ class Plan:
 
     def with_batch(self, batch: int | None = None, seq_len: int | None = None) -> Plan:
         """The same model, GPUs and strategy, planned again for another batch and/or sequence length."""
-        strategy = self.strategy.split("+")[0] if self.strategy != "manual" else "balanced"
+        manual = not isinstance(self.strategy, str) or self.strategy == "manual"  # a list, a dict, or edits
+        strategy = "balanced" if manual else self.strategy.split("+")[0]
         batch = self.batch if batch is None else checks.integer(batch, "batch", 1, checks.MAX_BATCH)
         seq_len = self.seq_len if seq_len is None else checks.integer(seq_len, "seq_len", 1, checks.MAX_TOKENS)
         return Plan(self._meta, self.gpus, batch=batch, seq_len=seq_len, strategy=strategy, reserve=self.reserve,
