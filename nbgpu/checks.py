@@ -194,5 +194,6 @@ def shell_words(line, what: str) -> list[str]:
 def positions(total: int, limit: int | None, what: str) -> None:
     """Refuse `total` tokens beyond the model's position limit (when the model has one)."""
     if limit is not None and total > limit:
-        raise UsageError(f"{what} is {total} tokens, but this model has {limit} positions "
-                         f"(max_position_embeddings): give at most {limit} tokens in all")
+        has = f"this model has {limit} positions (max_position_embeddings)" if limit != MAX_TOKENS else \
+            f"nbgpu takes at most {limit} tokens"
+        raise UsageError(f"{what} is {total} tokens, but {has}: give at most {limit} tokens in all")

@@ -241,6 +241,7 @@ class Monitor:
                  show: str | Iterable[str] = ("memory", "utilization"), temperature: bool = False,
                  power: bool = False, *, read: Callable[[], Inventory] | None = None, start: bool = True):
         interval, history, gpus, show, read = _options(interval, history, gpus, show, temperature, power, read)
+        start = checks.boolean(start, "start")
         self.interval = interval
         self.history_length = history
         self.gpus = gpus

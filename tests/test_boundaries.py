@@ -165,6 +165,18 @@ def test_a_hub_id_that_cannot_be_resolved_is_refused_within_seconds(monkeypatch)
     assert time.monotonic() - start < 5
 
 
+def test_a_hub_whose_name_resolution_hangs_is_given_up_on(monkeypatch):
+    """A resolver can hang far beyond any request timeout: the probe runs in a thread that is abandoned."""
+    import socket
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: time.sleep(6))
+    start = time.monotonic()
+    with pytest.raises(UsageError, match="could not be reached within 1.2 s"):
+        nbgpu.plan("no-such-org/hanging-resolver", gpus="1x24GiB")
+    assert time.monotonic() - start < 5
+
+
 def test_a_name_that_is_neither_a_folder_nor_a_hub_id():
     with pytest.raises(UsageError, match="neither a folder here nor a hub id") as err:
         nbgpu.plan("not a model!", gpus="1x24GiB")

@@ -210,7 +210,7 @@ def test_load(folder, kwargs):
     assert out is REFUSED or out.nbgpu_load is not None
 
 
-@examples(80)
+@examples(60)
 @given(arguments(small_anything, target=one_of("model"), batch=st.integers(1, 2), prompt_len=st.integers(1, 8),
                  new_tokens=st.integers(2, 3), repeats=st.just(1), warmup=st.integers(0, 1),
                  compile=st.booleans(), label=one_of(None, "run"), explain=st.booleans(),

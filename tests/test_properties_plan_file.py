@@ -131,7 +131,7 @@ def mutated(draw, files):
     return data
 
 
-@examples(300)
+@examples(250)
 @given(st.data())
 def test_any_mutation_of_a_valid_file_loads_as_written_or_is_refused(tmp_path, valid_files, data):
     changed = data.draw(mutated(valid_files))

@@ -9,7 +9,7 @@ from .. import checks
 from ..devices import GPU
 from ..errors import UsageError
 from ..units import GiB, format_size, parse_size
-from . import memory, strategies
+from . import memory, sources, strategies
 from .meta_model import MetaModel, build, dtype_name
 
 DEFAULT_RESERVE = "1GiB"
@@ -472,11 +472,12 @@ def plan(model, gpus=None, dtype="bfloat16", batch: int = 1, seq_len: int = 2048
     """
     batch = checks.integer(batch, "batch", 1, checks.MAX_BATCH)
     seq_len = checks.integer(seq_len, "seq_len", 1, checks.MAX_TOKENS)
-    dtype = checks.dtype(dtype)
     reserve, context = checks.size(reserve, "reserve"), checks.size(context, "context")
     cpu_memory = checks.optional_size(cpu_memory, "cpu_memory")
     offload = checks.choice(offload, "offload", (False, None, True, "cpu", "disk"))
     trust_remote_code = checks.boolean(trust_remote_code, "trust_remote_code")
+    sources.check_model(model)  # a missing folder or an unreachable hub id is told before torch is imported
+    dtype = checks.dtype(dtype)
     gpu_list = resolve_gpus(gpus)
     reserve_b, context_b = parse_size(reserve), parse_size(context)
     cpu_b = None if cpu_memory is None else parse_size(cpu_memory)

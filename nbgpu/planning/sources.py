@@ -13,13 +13,14 @@ import hashlib
 import json
 import os
 import threading
+import time
 
 from .. import checks
 from ..errors import UsageError
 from ..units import format_size
 from .memory import text_config
 
-HUB_TIMEOUT = 1.5  # seconds: one request to the hub, then it counts as unreachable
+HUB_TIMEOUT = 1.2  # seconds: one request to the hub (a HEAD answers in a fraction of that), then it is unreachable
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".index.json")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 # config field -> (largest value taken, required): bounds far above any released model, so a typo is caught
@@ -98,20 +99,34 @@ def cached_config(repo_id: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
+def check_model(source) -> None:
+    """The quick part of reading a model, before torch or transformers is imported: a folder exists and holds a
+    config, a hub id is cached or answers (so that an offline machine is told at once, not after the imports)."""
+    if isinstance(source, (str, os.PathLike)):
+        kind, where = locate(source)
+        if kind == "hub":
+            check_hub(where)
+
+
+_ANSWERED: dict[str, float] = {}  # hub id -> when the hub last said it has it (not asked twice in one call)
+
+
 def check_hub(repo_id: str) -> bool:
     """True when the config is in the local cache; else ask the hub once (at most HUB_TIMEOUT seconds, no retries)
     whether the model is there. Offline, unreachable or unknown: a UsageError within about two seconds."""
     if cached_config(repo_id) is not None:
         return True
+    if not offline() and time.monotonic() - _ANSWERED.get(repo_id, -3600.0) < 60:
+        return False
     if offline():
         raise UsageError(f"{repo_id!r} is not a local folder and its config is not in the Hugging Face cache; "
                          "HF_HUB_OFFLINE is set, so the hub is not asked. Pass a local checkpoint folder or a config "
                          "(or download the model first).")
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
     outcome: dict = {}
 
     def probe():
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
-
         try:
             get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=HUB_TIMEOUT)
             outcome["ok"] = True
@@ -121,8 +136,9 @@ def check_hub(repo_id: str) -> bool:
     # a thread bounds the whole request, name resolution included (a resolver can hang far beyond the timeout)
     worker = threading.Thread(target=probe, name="nbgpu-hub-probe", daemon=True)
     worker.start()
-    worker.join(HUB_TIMEOUT + 0.3)
+    worker.join(HUB_TIMEOUT + 0.2)
     if outcome.get("ok"):
+        _ANSWERED[repo_id] = time.monotonic()
         return False
     err = outcome.get("error")
     reason = "no answer" if err is None else f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"

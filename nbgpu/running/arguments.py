@@ -65,10 +65,14 @@ def load_arguments(plan_or_model, kwargs: dict) -> None:
     made for."""
     kwargs["trust_remote_code"] = checks.boolean(kwargs.get("trust_remote_code", False), "trust_remote_code")
     trust = kwargs["trust_remote_code"]
+    _check_source(plan_or_model, trust)
     if "dtype" in kwargs and kwargs["dtype"] != "auto":
         import torch
 
         kwargs["dtype"] = getattr(torch, checks.dtype(kwargs["dtype"]))
+
+
+def _check_source(plan_or_model, trust: bool) -> None:
     if isinstance(plan_or_model, (str, os.PathLike)):
         kind, where = sources.locate(plan_or_model)
         if kind == "folder":
