@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from .. import checks
+from ..errors import UsageError
 
 _LAYER_INDEX = re.compile(r"\.(\d+)$")
 
@@ -97,6 +98,9 @@ def build(source, dtype: str = "bfloat16", trust_remote_code: bool = False, conf
     no_split = sorted(getattr(model, "_no_split_modules", None) or [])
     units = _units(tied_model, sizes, set(no_split))
     meta = MetaModel(source, config, name, model, units, no_split, tied, trust_remote_code=trust_remote_code)
+    if meta.total > checks.MAX_SIZE:
+        raise UsageError(f"{type(config).__name__} describes a model of {meta.total:.3g} bytes, more than any machine "
+                         "holds: check the config's sizes (hidden, intermediate, vocabulary, experts)")
     if read_from_source and isinstance(source, (str, os.PathLike)):
         kind, where = locate(source)
         meta.fingerprint = fingerprint(where) if kind == "folder" else None

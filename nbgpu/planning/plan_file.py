@@ -145,7 +145,11 @@ class PlanFileV1(_Strict):
 # --- writing ------------------------------------------------------------------------------------------------
 
 def _config_json(config) -> dict:
-    return json.loads(config.to_json_string(use_diff=False))
+    """The config as transformers writes it to config.json."""
+    from .sources import from_library
+
+    return from_library("config: transformers cannot write this config as JSON",
+                        lambda: json.loads(config.to_json_string(use_diff=False)))
 
 
 def _device_value(device):
@@ -316,8 +320,10 @@ def _config(stored: dict, source: Source, trust: bool):
         raise UsageError(f"config.model_type {model_type!r} is not a model transformers has: this plan was made "
                          "with code shipped with the model; pass trust_remote_code=True to Plan.load to read it from "
                          "the model's folder")
-    return from_library("config: transformers cannot read the stored config",
-                        lambda: AutoConfig.for_model(model_type, **cfg))
+    config = from_library("config: transformers cannot read the stored config",
+                          lambda: AutoConfig.for_model(model_type, **cfg))
+    _config_json(config)  # a plan read from a file can be written again
+    return config
 
 
 def _check_device_map(meta, device_map: dict, strategy: str) -> None:

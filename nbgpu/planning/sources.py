@@ -33,6 +33,10 @@ CONFIG_FIELDS = {
     "head_dim": (2**14, False),
     "intermediate_size": (2**21, False),
     "max_position_embeddings": (2**31, False),
+    "n_inner": (2**21, False),  # GPT-2's intermediate size
+    "num_local_experts": (4096, False),
+    "num_experts": (4096, False),
+    "n_routed_experts": (4096, False),
 }
 
 
@@ -108,7 +112,7 @@ def check_model(source) -> None:
             check_hub(where)
 
 
-_ANSWERED: dict[str, float] = {}  # hub id -> when the hub last said it has it (not asked twice in one call)
+_ANSWERED: dict[str, float] = {}  # hub id -> when the hub last said it has it (asked again after a minute)
 
 
 def check_hub(repo_id: str) -> bool:
