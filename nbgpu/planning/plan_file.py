@@ -190,6 +190,7 @@ def save(plan, path) -> None:
     where = checks.path(path, "path")
     data = to_dict(plan)
     _validate(PlanFile, data, "this plan")  # what is written loads again
+    _reads_back(data["config"])
     files.write_json(where, data)
 
 
@@ -322,8 +323,21 @@ def _config(stored: dict, source: Source, trust: bool):
                          "the model's folder")
     config = from_library("config: transformers cannot read the stored config",
                           lambda: AutoConfig.for_model(model_type, **cfg))
-    _config_json(config)  # a plan read from a file can be written again
+    _reads_back(_config_json(config))  # a plan read from a file can be written again, and read again
     return config
+
+
+def _reads_back(stored: dict) -> None:
+    """The config as written can be read by transformers (some values it takes, it writes in a form it refuses)."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    from .sources import from_library
+
+    cfg = dict(stored)
+    model_type = cfg.pop("model_type", None)
+    if model_type in CONFIG_MAPPING:
+        from_library("config: transformers writes this config in a form it cannot read back",
+                     lambda: AutoConfig.for_model(model_type, **cfg))
 
 
 def _check_device_map(meta, device_map: dict, strategy: str) -> None:
