@@ -11,9 +11,8 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 
-from . import devices, gpu_table, visibility
+from . import checks, devices, gpu_table, visibility
 from .errors import UsageError
 
 
@@ -41,7 +40,7 @@ def _gpus_parser() -> _Parser:
 
 def gpus_magic(line: str):
     """What `%gpus LINE` returns: the GPU table, the links between GPUs (--topo), or the new cuda:N mapping."""
-    args = _gpus_parser().parse_args(shlex.split(line))
+    args = _gpus_parser().parse_args(checks.shell_words(line, "%gpus"))
     if args.topo and (args.selection is not None or args.auto is not None):
         raise UsageError("--topo shows the links between GPUs; choose GPUs in a second `%gpus` call")
     if args.simulate is not None:
@@ -71,7 +70,7 @@ def _monitor_parser() -> _Parser:
 def gpu_monitor_magic(line: str):
     from . import monitoring
 
-    args = _monitor_parser().parse_args(shlex.split(line))
+    args = _monitor_parser().parse_args(checks.shell_words(line, "%gpu_monitor"))
     if args.action == "stop":
         return monitoring.stop_all()
     return monitoring.monitor(interval=args.interval, history=args.history,
