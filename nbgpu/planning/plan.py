@@ -154,6 +154,11 @@ class Plan:
         return self._meta.config
 
     @property
+    def source_label(self) -> str:
+        """The model's source in a few words: its folder or hub id, or the kind of config it was made from."""
+        return _source_label(self.source)
+
+    @property
     def dtype(self) -> str:
         return self._meta.dtype
 
