@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     tour.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
     args = parser.parse_args(argv)
 
+    from .devices import parse_simulate_spec
+    from .errors import UsageError
     from .tour import QUICKSTART
     from .tour import tour as run_tour
 
@@ -29,10 +31,20 @@ def main(argv: list[str] | None = None) -> int:
                      "pip install 'nbgpu[tour]'")
 
     notebook = Path(args.notebook) if args.notebook else QUICKSTART
-    if not notebook.exists():
+    if not notebook.is_file():
         parser.error(f"no notebook at {notebook}: run from a checkout of nbgpu, or pass --notebook PATH")
-    print(f"running {notebook.name} headless ...", file=sys.stderr)
-    errors = run_tour(args.html, notebook, simulate=args.simulate, timeout=args.timeout)
+    folder = Path(args.html).resolve().parent
+    if not folder.is_dir() or Path(args.html).is_dir():
+        parser.error(f"cannot write {args.html}: give a file in an existing folder")
+    if not 1 <= args.timeout <= 86400:
+        parser.error(f"--timeout {args.timeout}: give seconds per cell, from 1 to 86400")
+    try:
+        if args.simulate is not None:
+            parse_simulate_spec(args.simulate)
+        print(f"running {notebook.name} headless ...", file=sys.stderr)
+        errors = run_tour(args.html, notebook, simulate=args.simulate, timeout=args.timeout)
+    except UsageError as err:
+        parser.error(str(err))
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     print(f"wrote {args.html}" + (f" ({len(errors)} error(s))" if errors else ""), file=sys.stderr)

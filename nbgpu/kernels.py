@@ -29,8 +29,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 TIMEOUT = 0.3  # seconds per REST request: a server that does not answer in time is skipped, never waited for
 MAX_AGE = 5.0  # seconds a server's kernel list is reused (notebooks are opened and renamed rarely)
 RETRY_AFTER = 15.0  # seconds before a server that failed is asked again
@@ -104,6 +102,8 @@ def runtime_dir() -> Path | None:
 
 def _ours(path: Path, pid: int) -> bool:
     """The runtime file and the server process both belong to this user (a shared runtime dir is possible)."""
+    import psutil  # here, not at import: `import nbgpu` stays cheap
+
     uid = os.getuid()
     try:
         st = path.lstat()
@@ -116,6 +116,8 @@ def _ours(path: Path, pid: int) -> bool:
 
 def servers(directory: Path | str | None = None) -> list[Server]:
     """The running Jupyter servers of this user listed in the runtime directory (`jupyter server list`)."""
+    import psutil  # here, not at import: `import nbgpu` stays cheap
+
     directory = Path(directory) if directory is not None else runtime_dir()
     if directory is None or not directory.is_dir():
         return []
@@ -256,6 +258,8 @@ class _Lineage:
 
 def _start_time(pid: int) -> float | None:
     """When the process started (a cheap identity for the cache): /proc's clock ticks on Linux, else psutil's."""
+    import psutil  # here, not at import: `import nbgpu` stays cheap
+
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return float(f.read().rsplit(b")", 1)[1].split()[19])  # field 22; the name may hold spaces or ')'
@@ -278,6 +282,8 @@ class ProcessIndex:
         self._cache: dict[tuple[int, float], _Lineage] = {}
 
     def lineage(self, pid: int) -> _Lineage:
+        import psutil  # here, not at import: `import nbgpu` stays cheap
+
         key = (pid, _start_time(pid))  # a pid reused by a new process is another key
         if key[1] is None:
             return _Lineage(((pid, None),), None, None)

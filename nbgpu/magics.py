@@ -10,38 +10,36 @@
 
 from __future__ import annotations
 
-import argparse
-import shlex
+from IPython.core.magic_arguments import argument, magic_arguments
 
-from . import devices, gpu_table, visibility
+from . import checks, devices, gpu_table, visibility
 from .errors import UsageError
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError instead of exiting the kernel."""
+def _parse(magic, line: str, name: str):
+    """The magic's arguments (IPython's magic_arguments parser); a bad line is one nbgpu UsageError."""
+    from IPython.core.error import UsageError as IPythonUsageError
 
-    def error(self, message):
-        raise UsageError(f"{message}\n{self.format_usage()}")
-
-    def exit(self, status=0, message=None):
-        raise UsageError(message or self.format_help())
-
-
-def _gpus_parser() -> _Parser:
-    p = _Parser(prog="%gpus", description="Show the GPUs, or choose which ones this kernel sees (before CUDA starts).")
-    p.add_argument("selection", nargs="?", help="2,3 | GPU-<uuid>,... | MIG-<uuid> | none | all")
-    p.add_argument("--auto", type=int, metavar="N", help="the N least-loaded GPUs that meet the limits")
-    p.add_argument("--min-free", metavar="SIZE", help="with --auto: at least this much free memory (20GiB)")
-    p.add_argument("--max-util", type=float, metavar="PCT", help="with --auto: at most this utilisation (%%)")
-    p.add_argument("--simulate", metavar="SPEC", help="4xL4, 2xA100-80GB:nvlink, 2xL4:pcie, 4x24GiB, 24GiB,80GiB, "
-                                                      "or off")
-    p.add_argument("--topo", action="store_true", help="the links between GPUs, as `nvidia-smi topo -m`")
-    return p
+    words = checks.shell_words(line, name)
+    if "-h" in words or "--help" in words:
+        raise UsageError(magic.parser.format_help())
+    try:
+        return magic.parser.parse_args(words)
+    except IPythonUsageError as err:
+        raise UsageError(f"{err}\n{magic.parser.format_usage()}") from None
 
 
+@magic_arguments(name="gpus")
+@argument("selection", nargs="?", help="2,3 | GPU-<uuid>,... | MIG-<uuid> | none | all")
+@argument("--auto", type=int, metavar="N", help="the N least-loaded GPUs that meet the limits")
+@argument("--min-free", metavar="SIZE", help="with --auto: at least this much free memory (20GiB)")
+@argument("--max-util", type=float, metavar="PCT", help="with --auto: at most this utilisation (%%)")
+@argument("--simulate", metavar="SPEC", help="4xL4, 2xA100-80GB:nvlink, 2xL4:pcie, 4x24GiB, 24GiB,80GiB, or off")
+@argument("--topo", action="store_true", help="the links between GPUs, as `nvidia-smi topo -m`")
 def gpus_magic(line: str):
-    """What `%gpus LINE` returns: the GPU table, the links between GPUs (--topo), or the new cuda:N mapping."""
-    args = _gpus_parser().parse_args(shlex.split(line))
+    """Show the GPUs, or choose which ones this kernel sees (before CUDA starts). Returns the GPU table, the links
+    between GPUs (--topo), or the new cuda:N mapping."""
+    args = _parse(gpus_magic, line, "%gpus")
     if args.topo and (args.selection is not None or args.auto is not None):
         raise UsageError("--topo shows the links between GPUs; choose GPUs in a second `%gpus` call")
     if args.simulate is not None:
@@ -58,20 +56,17 @@ def gpus_magic(line: str):
     return visibility.use(args.selection, auto=args.auto, min_free=args.min_free, max_util=args.max_util)
 
 
-def _monitor_parser() -> _Parser:
-    p = _Parser(prog="%gpu_monitor", description="A live view of GPU memory and utilisation in this notebook.")
-    p.add_argument("action", nargs="?", choices=["stop"], help="stop the running monitor")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
-    p.add_argument("--history", type=int, default=300, help="samples kept (default 300)")
-    p.add_argument("--temperature", action="store_true", help="also plot temperature")
-    p.add_argument("--power", action="store_true", help="also plot power draw")
-    return p
-
-
+@magic_arguments(name="gpu_monitor")
+@argument("action", nargs="?", choices=["stop"], help="stop the running monitor")
+@argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
+@argument("--history", type=int, default=300, help="samples kept (default 300)")
+@argument("--temperature", action="store_true", help="also plot temperature")
+@argument("--power", action="store_true", help="also plot power draw")
 def gpu_monitor_magic(line: str):
+    """A live view of GPU memory and utilisation in this notebook (`stop` ends it)."""
     from . import monitoring
 
-    args = _monitor_parser().parse_args(shlex.split(line))
+    args = _parse(gpu_monitor_magic, line, "%gpu_monitor")
     if args.action == "stop":
         return monitoring.stop_all()
     return monitoring.monitor(interval=args.interval, history=args.history,

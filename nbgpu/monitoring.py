@@ -20,10 +20,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from html import escape
 from typing import Any
 
-from . import devices, kernels, visibility
+from . import checks, devices, kernels, visibility
 from .devices import GPU, GPUProcess, Inventory
 from .errors import UsageError
 from .units import GiB, format_size
@@ -32,6 +31,7 @@ METRICS = ("memory", "utilization", "temperature", "power")
 COLUMNS = ["time", "gpu", "cuda", "memory_used", "memory_this_kernel", "memory_other", "memory_free", "memory_total",
            "utilization", "temperature", "power_draw", "simulated"]
 MIN_INTERVAL = 0.01  # seconds; NVML itself refreshes utilisation only every 1/6 s to 1 s
+MAX_HISTORY = 1_000_000  # samples kept
 THREAD_NAME = "nbgpu-monitor"
 
 
@@ -188,25 +188,46 @@ atexit.register(stop_all)
 def _gpu_list(gpus: int | str | Iterable[int] | None) -> tuple[int, ...] | None:
     if gpus is None:
         return None
-    items = gpus.split(",") if isinstance(gpus, str) else [gpus] if isinstance(gpus, int) else list(gpus)
-    try:
-        out = tuple(int(str(i).strip()) for i in items)
-    except ValueError:
-        raise UsageError(f"cannot read gpus={gpus!r}: give physical GPU indexes as nvidia-smi prints them, "
-                         "e.g. gpus=[0, 1] or gpus='0,1'") from None
+    how = "give physical GPU indexes as nvidia-smi prints them, e.g. gpus=[0, 1] or gpus='0,1'"
+    if isinstance(gpus, str):
+        items = [item.strip() for item in gpus.split(",")]
+        if not all(item.isascii() and item.isdigit() for item in items):
+            raise UsageError(f"cannot read gpus={checks.shown(gpus)}: {how}")
+        items = [int(item) for item in items]
+    elif isinstance(gpus, (list, tuple, set, frozenset, range)):
+        items = list(gpus)
+    else:
+        items = [gpus]
+    if len(items) > 1024:
+        raise UsageError(f"gpus= names {len(items)} GPUs: {how}")
+    out = tuple(checks.integer(i, "each of gpus= (a physical GPU index)", 0, 1023) for i in items)
     if not out:
         raise UsageError("gpus=[] names no GPU: leave gpus out to monitor every GPU")
     return tuple(sorted(set(out)))
 
 
 def _metrics(show: str | Iterable[str], temperature: bool, power: bool) -> tuple[str, ...]:
-    names = [show] if isinstance(show, str) else list(show)
+    if isinstance(show, str):
+        names = [show]
+    elif isinstance(show, (list, tuple, set, frozenset)):
+        names = list(show)
+    else:
+        raise UsageError(f"show must be a metric or a list of them ({', '.join(METRICS)}), not {checks.shown(show)}")
+    if not all(isinstance(n, str) for n in names):
+        raise UsageError(f"show takes names of metrics ({', '.join(METRICS)}), not {checks.shown(show)}")
     names = ["utilization" if n == "utilisation" else n for n in names]
     bad = [n for n in names if n not in METRICS]
     if bad:
-        raise UsageError(f"cannot show {', '.join(map(repr, bad))}: choose from {', '.join(METRICS)}")
-    names += ["temperature"] * temperature + ["power"] * power
+        raise UsageError(f"cannot show {', '.join(map(checks.shown, bad))}: choose from {', '.join(METRICS)}")
+    names += ["temperature"] * checks.boolean(temperature, "temperature") + ["power"] * checks.boolean(power, "power")
     return tuple(m for m in METRICS if m in names)
+
+
+def _options(interval, history, gpus, show, temperature, power, read) -> tuple:
+    """The monitor's arguments, checked: (interval, history, gpus, metrics, read)."""
+    return (checks.interval(interval, "interval", MIN_INTERVAL, checks.MAX_INTERVAL),
+            checks.integer(history, "history (samples kept)", 1, MAX_HISTORY),
+            _gpu_list(gpus), _metrics(show, temperature, power), checks.callable_or_none(read, "read"))
 
 
 class Monitor:
@@ -219,26 +240,18 @@ class Monitor:
     def __init__(self, interval: float = 1.0, history: int = 300, gpus: int | str | Iterable[int] | None = None,
                  show: str | Iterable[str] = ("memory", "utilization"), temperature: bool = False,
                  power: bool = False, *, read: Callable[[], Inventory] | None = None, start: bool = True):
-        try:
-            interval = float(interval)
-        except (TypeError, ValueError):
-            raise UsageError(f"interval={interval!r} is not a number of seconds, e.g. interval=1.0") from None
-        if not interval >= MIN_INTERVAL:
-            raise UsageError(f"interval={interval} s is too short: give at least {MIN_INTERVAL} s "
-                             "(NVML refreshes utilisation only every 1/6 s to 1 s; 1.0 is usual)")
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise UsageError(f"history={history!r}: give the number of samples to keep, e.g. history=300")
+        interval, history, gpus, show, read = _options(interval, history, gpus, show, temperature, power, read)
+        start = checks.boolean(start, "start")
         self.interval = interval
         self.history_length = history
-        self.gpus = _gpu_list(gpus)
-        self.show = _metrics(show, temperature, power)
+        self.gpus = gpus
+        self.show = show
         self._read = read
         self._sampler = Sampler(read, self.gpus)
         self._samples: deque[Sample] = deque(maxlen=history)
         self._lock = threading.Lock()
         self.errors: deque[MonitorError] = deque(maxlen=100)
         self._views: list[Any] = []
-        self._view = None
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
         self.stopped_because: str | None = "not started"
@@ -288,6 +301,8 @@ class Monitor:
     def stop(self, timeout: float = 5.0, reason: str = "stopped") -> Monitor:
         """Stop polling; the history is kept. `start()` resumes."""
         global _current
+        timeout = checks.number(timeout, "timeout (seconds)", 0, checks.MAX_INTERVAL)
+        reason = checks.text(reason, "reason", max_length=500)
         with _registry_lock:
             if _current is self:
                 _current = None
@@ -302,27 +317,33 @@ class Monitor:
         return self
 
     def close(self) -> None:
-        """Stop polling and close the widget."""
+        """Stop polling and close every view drawing this monitor (its widget)."""
         self.stop()
-        if self._view is not None:
-            self._view.close()
+        for view in self.subscribers:
+            view.close()
 
     def _run(self, stop: threading.Event) -> None:
-        next_at = time.monotonic() + self.interval
-        while not stop.wait(max(0.0, next_at - time.monotonic())):
-            try:
+        """The poller. Nothing escapes it (Python's thread hook would print it into whichever cell runs next): a
+        failed poll is kept in `errors` and polling goes on; a failure of the loop itself stops it, with the
+        reason in `stopped_because` and on the widget's status line."""
+        try:
+            next_at = time.monotonic() + self.interval
+            while not stop.wait(max(0.0, next_at - time.monotonic())):
                 self._poll_once()
-            except BaseException as err:  # never let the thread die silently
-                self._record_error("poll", err)
-            next_at += self.interval
-            if next_at < time.monotonic():  # fell behind (a slow poll, a suspended machine): skip, don't burst
-                next_at = time.monotonic() + self.interval
+                next_at += self.interval
+                if next_at < time.monotonic():  # fell behind (a slow poll, a suspended machine): skip, don't burst
+                    next_at = time.monotonic() + self.interval
+        except BaseException as err:  # noqa: BLE001 - never let the thread die silently
+            error = self.record_error("poll", err)
+            stop.set()
+            self.stopped_because = f"stopped: the poller failed ({error.message})"
+            self._notify("stopped", self.stopped_because)
 
     def _poll_once(self) -> None:
         try:
             sample = self._sampler.poll()
-        except Exception as err:
-            self._record_error("poll", err)
+        except Exception as err:  # noqa: BLE001 - kept in errors, shown on the status line; polling goes on
+            self._notify("failed", self.record_error("poll", err))
             return
         with self._lock:
             self._samples.append(sample)
@@ -330,18 +351,35 @@ class Monitor:
 
     def _notify(self, method: str, arg: Any) -> None:
         for view in list(self._views):
+            call = getattr(view, method, None)
+            if call is None:
+                continue
             try:
-                getattr(view, method)(arg)
-            except Exception as err:
-                self._record_error("view", err)
+                call(arg)
+            except Exception as err:  # noqa: BLE001 - a broken view must not stop the poller
+                self.record_error("view", err)
 
-    def _record_error(self, where: str, err: BaseException) -> None:
-        self.errors.append(MonitorError(time.time(), where, f"{type(err).__name__}: {err}",
-                                        "".join(traceback.format_exception(type(err), err, err.__traceback__))))
+    def record_error(self, where: str, err: BaseException) -> MonitorError:
+        try:
+            message = f"{type(err).__name__}: {err}"
+        except Exception:  # noqa: BLE001 - an exception whose str() fails still gets recorded
+            message = type(err).__name__
+        try:
+            trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        except Exception:  # noqa: BLE001
+            trace = message
+        error = MonitorError(time.time(), where, message, trace)
+        self.errors.append(error)
+        return error
 
     def subscribe(self, view: Any) -> None:
         """Have `view.draw(sample)` called for each new sample and `view.stopped(reason)` when polling stops."""
         self._views.append(view)
+
+    @property
+    def subscribers(self) -> tuple:
+        """The views drawing this monitor."""
+        return tuple(self._views)
 
     def unsubscribe(self, view: Any) -> None:
         if view in self._views:
@@ -382,51 +420,21 @@ class Monitor:
         self.stop()
         self._poll_once()  # the state at the end of the block
 
-    # --- display --------------------------------------------------------------------------------------
+    # --- text (the widget and HTML are the views layer's: nbgpu.views.monitor_view) ---------------------------
 
-    @property
-    def widget(self):
-        """The live ipywidgets view (built on first use; needs plotly and ipywidgets)."""
-        if self._view is None:
-            from .views.monitor_view import MonitorView
-
-            self._view = MonitorView(self)
-        return self._view.widget
-
-    def _ipython_display_(self) -> None:
-        from IPython import get_ipython
-        from IPython.display import display
-
-        widget = None
-        if getattr(get_ipython(), "kernel", None) is not None:  # a terminal cannot show widgets
-            try:
-                widget = self.widget
-            except Exception as err:  # no plotly/ipywidgets: fall back to text, but say why in `errors`
-                self._record_error("view", err)
-        if widget is not None:
-            display(widget)
-        else:
-            display({"text/plain": repr(self), "text/html": self._repr_html_()}, raw=True)
-
-    def _status(self) -> str:
+    def status(self) -> str:
         state = "running" if self.running else self.stopped_because or "stopped"
         sim = " [SIMULATED GPUs]" if (s := self.latest) is not None and s.simulated else ""
-        errors = f", {len(self.errors)} error(s) in .errors" if self.errors else ""
+        errors = f", {len(self.errors)} error(s) in .errors, last: {self.errors[-1].message}" if self.errors else ""
         return f"nbgpu monitor{sim}: {state}, every {self.interval:g} s, {len(self._samples)} of " \
                f"{self.history_length} samples{errors}"
 
     def __repr__(self) -> str:
         sample = self.latest
-        lines = [self._status()]
+        lines = [self.status()]
         if sample is not None:
             lines += ["  " + line for line in sample_lines(sample, self.show)]
         return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        sample = self.latest
-        body = "" if sample is None else "<br>".join(escape(line) for line in sample_lines(sample, self.show))
-        style = "font-family:monospace;font-size:12px"
-        return f"<div><b>{escape(self._status())}</b><div style='{style}'>{body}</div></div>"
 
 
 def _gib(n: int | None) -> str:
@@ -464,11 +472,10 @@ def monitor(interval: float = 1.0, history: int = 300, gpus: int | str | Iterabl
     Called again with the same options while running, it returns the running monitor; with other options it
     replaces it. Either way one poller runs, never two. `gpus`: physical indexes to watch (default all).
     """
+    options = _options(interval, history, gpus, show, temperature, power, read)
     with _registry_lock:
         old = _current
-        if old is not None and old.running and old.options() == (
-                float(interval) if isinstance(interval, (int, float)) else interval, history, _gpu_list(gpus),
-                _metrics(show, temperature, power), read):
+        if old is not None and old.running and old.options() == options:
             return old
         return Monitor(interval, history, gpus, show, temperature, power, read=read)  # starting it stops `old`
 

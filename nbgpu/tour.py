@@ -209,11 +209,13 @@ def tour(out, notebook=QUICKSTART, *, simulate: str | None = None, timeout: int 
     in its outputs (empty when it ran cleanly)."""
     from nbclient.exceptions import CellExecutionError
 
+    from .files import write_text
+
     try:
         nb, figures = execute(notebook, timeout=timeout, simulate=simulate, read_figures=True)
     except CellExecutionError as err:
-        Path(out).write_text(f"<pre>{html.escape(str(err))}</pre>", encoding="utf-8")
+        write_text(out, f"<pre>{html.escape(str(err))}</pre>")
         return [str(err)]
-    Path(out).write_text(to_html(nb, figures, title=f"nbgpu: {Path(notebook).stem}"), encoding="utf-8")
+    write_text(out, to_html(nb, figures, title=f"nbgpu: {Path(notebook).stem}"))  # whole page, then one rename
     return error_outputs(nb)
 

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, replace
 from itertools import combinations
 
-from . import devices
+from . import checks, devices
 from .devices import GPU, Inventory, Topology
 from .errors import UsageError
 from .units import format_size, parse_size
@@ -291,6 +291,21 @@ def _best_connected(fits: list[GPU], count: int, topo: Topology | None) -> list[
     return [g for g in fits if g.index in best]  # in the least-loaded order, as without a topology
 
 
+def _selection(selection):
+    """None, a string ('2,3', 'none', 'all', UUIDs), a GPU index, or a list/tuple of indexes and UUIDs."""
+    if selection is None or isinstance(selection, str):
+        return selection
+    if isinstance(selection, (list, tuple)):
+        return [_selection_item(item) for item in selection]
+    return _selection_item(selection)
+
+
+def _selection_item(item):
+    if isinstance(item, str):
+        return item
+    return checks.integer(item, "a GPU index", 0)
+
+
 def use(selection: str | int | list | tuple | None = None, *, auto: int | None = None,
         min_free: str | int | None = None, max_util: float | None = None) -> Visibility:
     """Make the given GPUs this process's cuda:0..N-1 (sets CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER=PCI_BUS_ID).
@@ -298,6 +313,10 @@ def use(selection: str | int | list | tuple | None = None, *, auto: int | None =
     Refused, with the environment unchanged, when the request cannot be read or when the CUDA driver has already
     started in this process and the request differs from the set in force.
     """
+    selection = _selection(selection)
+    auto = checks.optional_integer(auto, "auto (a number of GPUs)", 1, checks.MAX_GPUS)
+    min_free = checks.optional_size(min_free, "min_free")
+    max_util = None if max_util is None else checks.number(max_util, "max_util (a utilisation in %)", 0, 100)
     inv = devices.read()
     if not len(inv) and inv.message:
         raise UsageError(inv.message)

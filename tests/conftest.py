@@ -42,6 +42,36 @@ def fake_nvml(monkeypatch):
     return install
 
 
+try:  # property-based tests (tests/test_properties*.py); profiles: NBGPU_HYPOTHESIS=ci (default) or thorough
+    from hypothesis import HealthCheck, settings
+except ImportError:
+    pass
+else:
+    # ci: the same examples on every run (derandomize), no example database written into the checkout, no
+    # deadline (a plan takes tens of milliseconds on a busy CI core). The example counts are set per test and
+    # multiplied by NBGPU_HYPOTHESIS_SCALE; thorough draws fresh examples each run, ten times as many.
+    settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                                     HealthCheck.filter_too_much, HealthCheck.data_too_large])
+    settings.register_profile("thorough", parent=settings.get_profile("ci"), derandomize=False)
+    settings.load_profile(os.environ.get("NBGPU_HYPOTHESIS", "ci"))
+    if os.environ.get("NBGPU_HYPOTHESIS") == "thorough":
+        os.environ.setdefault("NBGPU_HYPOTHESIS_SCALE", "10")
+
+
+def shown_formats(obj) -> dict:
+    """Every format IPython's formatter gives `obj` once the extension is loaded (outside a kernel: the text/html
+    the views layer registers, and the repr)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import nbgpu
+
+    shell = InteractiveShell.instance()
+    nbgpu.load_ipython_extension(shell)
+    data, _ = shell.display_formatter.format(obj)
+    return data
+
+
 def shown_html(obj) -> str:
     """What a notebook's static renderer shows for `obj`: the text/html IPython's formatter gives it once the
     extension is loaded (the views layer registers every nbgpu type)."""

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from nbgpu import files
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -123,7 +125,7 @@ def _shot(locator, name: str) -> Path:
     locator.screenshot(path=str(path))
     if os.environ.get("NBGPU_DOCS_IMAGES"):
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, DOCS_IMAGES / path.name)
+        files.write_bytes(DOCS_IMAGES / path.name, path.read_bytes())  # the README's picture replaced in one step
     return path
 
 
@@ -195,8 +197,8 @@ def test_quickstart_runs_in_jupyterlab_and_draws_its_figures(lab):
             plots = monitor.locator(".js-plotly-plot").evaluate_all(
                 "gds => gds.map(gd => gd.data.map(t => [t.name, t.yaxis || 'y', Array.from(t.x || []),"
                 " Array.from(t.y || [])]))")
-            bars = next(p for p in plots if [t[0] for t in p] == ["this kernel", "other processes + driver", "free"])
-            used = [a + b for a, b in zip(bars[0][2], bars[1][2])]
+            held = next(p for p in plots if [t[0] for t in p] == ["this kernel", "other processes + driver", "free"])
+            used = [a + b for a, b in zip(held[0][2], held[1][2])]
             series = next(p for p in plots if p and p[0][0].startswith("GPU 0"))
             last = [t[3][-1] for t in series if t[1] == "y"]  # the first subplot: memory
             assert len(last) == len(used) == 4

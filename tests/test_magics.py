@@ -38,7 +38,7 @@ def test_selection_and_auto_flags(fake_nvml):
     ("0 --simulate 2x24GiB", "second `%gpus` call"),
     ("--simulate 2xNope", "Known names"),
     ("--frobnicate", "unrecognized arguments"),
-    ("--help", "usage: %gpus"),
+    ("--help", r"%gpus \[--auto N\]"),
 ])
 def test_parse_errors_are_usage_errors_and_change_nothing(line, message):
     devices.simulate("2x24GiB")
@@ -136,3 +136,16 @@ def test_gpu_monitor_magic_refuses_what_it_cannot_read(line, message):
     devices.simulate("2x24GiB")
     with pytest.raises(UsageError, match=message):
         gpu_monitor_magic(line)
+
+
+def test_question_mark_shows_each_magics_usage():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import nbgpu
+
+    shell = InteractiveShell.instance()
+    nbgpu.load_ipython_extension(shell)
+    gpus_help = shell.find_line_magic("gpus").__doc__  # what `%gpus?` prints
+    monitor_help = shell.find_line_magic("gpu_monitor").__doc__
+    assert "%gpus [--auto N] [--min-free SIZE]" in gpus_help and "--topo" in gpus_help and "--simulate" in gpus_help
+    assert "%gpu_monitor [--interval INTERVAL]" in monitor_help and "--history" in monitor_help

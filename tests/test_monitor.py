@@ -10,7 +10,9 @@ import threading
 import time
 
 import fake_pynvml
+import numpy as np
 import pytest
+from conftest import shown_formats
 
 import nbgpu
 from nbgpu import devices
@@ -18,6 +20,7 @@ from nbgpu.devices.simulated import CONTEXT_BYTES
 from nbgpu.errors import UsageError
 from nbgpu.monitoring import COLUMNS, THREAD_NAME, Monitor, monitor
 from nbgpu.units import GiB
+from nbgpu.views.monitor_view import monitor_html, view_of, widget_of
 
 
 def pollers() -> int:
@@ -93,7 +96,7 @@ def test_stop_ends_the_thread_and_the_sampling(sim):
 
 def test_closing_the_widget_stops_the_thread(sim):
     m = monitor(interval=0.05)
-    widget = m.widget
+    widget = widget_of(m)
     assert m.running
     widget.close()
     assert not m.running and pollers() == 0
@@ -102,7 +105,7 @@ def test_closing_the_widget_stops_the_thread(sim):
 
 def test_close_stops_the_thread_and_closes_the_widget(sim):
     m = monitor(interval=0.05)
-    widget = m.widget
+    widget = widget_of(m)
     m.close()
     assert not m.running and pollers() == 0
     assert widget.comm is None
@@ -156,7 +159,7 @@ def test_a_gpu_lost_mid_run_is_survived(two_nvml_gpus):
     assert not m.errors  # per-field NVML errors are n/a values, not failures
     text = repr(m)
     assert "GPU 1 cuda:1" in text and "memory n/a / n/a GiB" in text and "util n/a" in text
-    view = (m.widget, m._view)[1]  # the widget draws the lost GPU as n/a
+    view = view_of(m)  # the widget draws the lost GPU as n/a
     view.draw(m.latest, force=True)
     assert view.bars.data[0].y[1] == "GPU 1 cuda:1 · memory n/a" and view.bars.data[-1].text[1] == "n/a"
     assert math.isnan(view.series.data[1].y[-1]) and "GPU is lost" in view.header.value
@@ -278,13 +281,13 @@ def test_text_display_labels_simulated_gpus_and_this_kernel(sim):
     assert "SIMULATED" in text and "(simulated)" in text and "(this kernel)" in text
     used = (GiB + CONTEXT_BYTES) / GiB  # what was placed plus the simulated CUDA context
     assert f"memory {used:.1f} / 24.0 GiB (this kernel {used:.1f}, other 0.0, free {24 - used:.1f})" in text
-    assert "simulated" in m._repr_html_().lower()
+    assert "simulated" in monitor_html(m).lower()
 
 
 def test_widget_draws_the_samples(sim):
     sim.allocate(0, 2 * GiB)
     m = monitor(interval=0.05, temperature=True)
-    view = (m.widget, m._view)[1]
+    view = view_of(m)
     m.stop()
     view.draw(m.latest, force=True)
     this_kernel, other, free = view.bars.data
@@ -305,26 +308,22 @@ def test_widget_draws_the_samples(sim):
 
 def test_the_stop_button_and_a_front_end_closing_the_widget_stop_the_thread(sim):
     m = monitor(interval=0.05)
-    m.widget  # noqa: B018
-    m._view.stop_button.click()
-    assert not m.running and pollers() == 0 and m._view.stop_button.disabled
+    view = view_of(m)
+    view.stop_button.click()
+    assert not m.running and pollers() == 0 and view.stop_button.disabled
     m.start()
     assert m.running
-    m.widget.comm.handle_close({})  # what the kernel does when the front end closes the widget's comm
+    widget_of(m).comm.handle_close({})  # what the kernel does when the front end closes the widget's comm
     assert not m.running and m.stopped_because == "widget closed"
 
 
 def test_outside_a_kernel_display_falls_back_to_text(sim):
     from IPython.core.interactiveshell import InteractiveShell
-    from IPython.utils.capture import capture_output
-
     InteractiveShell.instance()  # an IPython shell with no kernel, as in a terminal
     m = monitor(interval=0.05)
-    with capture_output() as captured:
-        m._ipython_display_()
-    data = captured.outputs[0].data
+    data = shown_formats(m)
     assert data["text/plain"].startswith("nbgpu monitor [SIMULATED GPUs]: running")
-    assert "SIMULATED" in data["text/html"] and m._view is None  # no widget was built
+    assert "SIMULATED" in data["text/html"] and m.subscribers == ()  # no widget was built
     assert m.running
 
 
@@ -354,3 +353,70 @@ def test_in_a_kernel_the_widget_shows_and_other_cells_get_no_output_from_the_pol
     assert [(o.output_type, o.get("text")) for o in quiet] == [("stream", "only this\n")]
     assert rerun[0].text == "True 1\n"
     assert stopped[0].text == "True [] False\n"
+
+
+# --- intervals and a poller that fails ------------------------------------------------------------------
+
+@pytest.mark.parametrize("interval", [float("inf"), 1e10, float("nan"), -1, 3601, "1", True])
+def test_an_interval_that_is_not_a_finite_number_of_seconds_up_to_an_hour_is_refused(sim, interval):
+    with pytest.raises(UsageError, match="interval"):
+        monitor(interval=interval)
+    assert pollers() == 0
+
+
+def test_the_magic_refuses_an_infinite_interval(sim):
+    from nbgpu.magics import gpu_monitor_magic
+
+    with pytest.raises(UsageError, match="interval"):
+        gpu_monitor_magic("--interval inf")
+    assert pollers() == 0
+
+
+def test_a_poller_that_fails_stops_with_a_visible_reason_and_prints_nothing(sim, monkeypatch, capsys):
+    """The finding: interval=inf killed the thread with OverflowError, printed by Python's thread hook into the next
+    cell, with monitor.errors empty. The interval is now refused up front, so the failure is forced here."""
+    hooked = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: hooked.append(args))
+    m = Monitor(interval=0.05, start=False)
+    view = view_of(m)  # the status line to watch
+    m.interval = 1e10  # past the check: what an infinite interval did to the poller
+    m.start()
+    assert wait_for(lambda: not m.running)
+    assert pollers() == 0 and hooked == []
+    assert len(m.errors) == 1 and m.errors[0].message.startswith("OverflowError")
+    assert m.stopped_because.startswith("stopped: the poller failed (OverflowError")
+    assert "the poller failed" in view.header.value and "OverflowError" in view.header.value
+    assert "the poller failed (OverflowError" in repr(m)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_failed_poll_shows_on_the_status_line_and_polling_goes_on(sim):
+    calls = {"n": 0}
+
+    def read_once_broken():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("NVML hiccup")
+        return devices.read()
+
+    m = monitor(interval=0.05, read=read_once_broken)
+    view = view_of(m)
+    assert wait_for(lambda: calls["n"] >= 5)
+    assert m.running and len(m.errors) == 1
+    assert "NVML hiccup" in view.header.value and "1 error(s)" in view.header.value
+    assert "last: RuntimeError: NVML hiccup" in repr(m)
+
+
+@pytest.mark.parametrize("kwargs", [dict(history=np.int64(5)), dict(gpus=np.int64(1)), dict(gpus=(0, np.int32(1)))])
+def test_numpy_integers_are_taken(sim, kwargs):
+    m = monitor(interval=0.05, **kwargs)
+    m.stop()
+    assert isinstance(m.history_length, int) and all(type(g) is int for g in (m.gpus or ()))
+
+
+@pytest.mark.parametrize("kwargs", [dict(gpus=1.5), dict(gpus=True), dict(show=5), dict(temperature="yes"),
+                                    dict(history=True), dict(history=10**9), dict(read="nvml"), dict(gpus=[-1])])
+def test_arguments_of_the_wrong_kind_are_usage_errors(sim, kwargs):
+    with pytest.raises(UsageError):
+        monitor(**kwargs)
+    assert pollers() == 0

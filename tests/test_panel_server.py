@@ -80,6 +80,9 @@ def test_a_kernels_child_process_is_attributed_to_it(server, notebooks):
 def test_an_unknown_pid_keeps_its_command_line(server, notebooks):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
+        deadline = time.monotonic() + 10  # until the child has exec'd (its command line is empty before that)
+        while "time.sleep(60)" not in " ".join(psutil.Process(other.pid).cmdline()) and time.monotonic() < deadline:
+            time.sleep(0.02)
         owner = kernels.owners([other.pid], servers_of=kernels.ServerDirectory(server.runtime_dir))[other.pid]
         assert owner.kernel is None and "time.sleep(60)" in owner.label
     finally:

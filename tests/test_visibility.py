@@ -88,7 +88,7 @@ def test_auto_picks_most_free_memory_then_least_utilised(four_gpus):
     (dict(auto=1, min_free="79.5GiB"), "only 0 qualify"),
     (dict(auto=3, max_util=10), "GPU 0: utilisation 90%"),
     (dict(auto=1, min_free="lots"), "cannot read the size 'lots'"),
-    (dict(auto=0), "at least 1"),
+    (dict(auto=0), "auto .* must be a whole number from 1 to"),
 ])
 def test_auto_refusals(four_gpus, kwargs, message):
     with pytest.raises(UsageError, match=message):

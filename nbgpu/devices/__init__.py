@@ -32,6 +32,8 @@ def simulate(spec: str | None) -> SimulatedGPUs | None:
     """Replace the inventory with simulated GPUs ('4xL4', '2xA100-80GB:nvlink', '4x24GiB', ...; the grammar is in
     simulated.py); None or 'off' returns to NVML."""
     global _simulated
+    if spec is not None and not isinstance(spec, str):
+        raise SimulateSpecError(f"simulate takes a spec such as '4x24GiB' (or 'off'), not {type(spec).__name__}")
     if spec is None or spec.strip().lower() == "off":
         _simulated = None
         published.changed()

@@ -13,15 +13,12 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from . import specs
+from . import nvml_topology, specs
 from .model import GPU, GPUProcess, Inventory, MIGDevice
+from .nvml_topology import _text
 from .simulated import DEFAULT_SPEC
 
 _MW = 1000.0
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class NVMLReader:
@@ -78,7 +75,6 @@ class NVMLReader:
 
     def topology(self):
         """The links between the GPUs (nvidia-smi topo -m), read on first use and kept."""
-        from . import nvml_topology
         from .topology import Topology
 
         with self._lock:

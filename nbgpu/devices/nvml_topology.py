@@ -19,8 +19,12 @@ from itertools import combinations
 from typing import Any
 
 from . import link_figures
-from .nvml import _text
 from .topology import GPUInterconnect, Link, Topology, estimate
+
+
+def _text(value) -> str:
+    """NVML answers bytes in older bindings, str in newer ones."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 # NVML_TOPOLOGY_* -> nvidia-smi's name; INTERNAL (two GPUs on one board, joined by the board's own switch) is PIX
 _PATHS = {0: "PIX", 10: "PIX", 20: "PXB", 30: "PHB", 40: "NODE", 50: "SYS"}

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
+from .. import files
 
 FORMAT = 1
 _FILE = re.compile(r"^kernel-(\d+)\.json$")
@@ -85,6 +84,8 @@ def changed() -> None:
         if kernel_id is None:
             return
         state = dict(_provider())
+        import psutil
+
         me = psutil.Process()
         state.update(format=FORMAT, pid=me.pid, started=me.create_time(), kernel_id=kernel_id or None,
                      time=time.time())
@@ -105,14 +106,7 @@ def write(state: dict[str, Any], where: Path | None = None) -> Path | None:
             return None
         where.mkdir(parents=True, exist_ok=True, mode=0o700)
         target = where / f"kernel-{state['pid']}.json"
-        fd, tmp = tempfile.mkstemp(prefix=".kernel-", suffix=".tmp", dir=where)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(state, f)
-            os.replace(tmp, target)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        files.write_json(target, state)  # whole, then renamed: a reader never sees half a file
         if state["pid"] == os.getpid():
             _written = target
         return target
@@ -140,6 +134,8 @@ atexit.register(_remove_own)
 
 
 def _alive(pid: int, started: float | None) -> bool:
+    import psutil  # here, not at import: `import nbgpu` stays cheap
+
     try:
         proc = psutil.Process(pid)
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and (

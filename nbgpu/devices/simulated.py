@@ -31,6 +31,7 @@ from ..units import GiB, SizeError, format_size, parse_size
 from . import published, specs
 from .calibration import DEFAULT as CALIBRATION
 from .model import GPU, GPUProcess, Inventory
+from .simulated_topology import build, pci_bus_id
 
 # A CUDA context and the kernels a first generate loads, per process and GPU (calibrated on real GPUs)
 CONTEXT_BYTES = CALIBRATION.context
@@ -39,6 +40,7 @@ CONTEXT_BYTES = CALIBRATION.context
 # cloud machine whose figures are all published.
 DEFAULT_SPEC = "4xL4"
 
+MAX_SIMULATED = 64  # GPUs in one simulated set
 LINKS = ("nvlink", "pcie", "pix", "pxb", "phb", "node", "sys")
 NO_MODEL = ("a GPU given only by its size has no model figures: name a model (e.g. 4xL4 or 2xA100-80GB) "
             "for bandwidth and power")
@@ -61,16 +63,19 @@ class Group:
 
 def parse_groups(text: str) -> list[Group]:
     """'4xL4', '2xA100-80GB:nvlink', '2x24GiB:pcie,80GiB' -> the groups, links resolved to their defaults."""
+    if not isinstance(text, str):
+        raise SimulateSpecError(f"a simulate spec is a string such as '4xL4', not {type(text).__name__}")
     groups = []
     for item in [p.strip() for p in text.split(",")]:
         if not item:
             raise SimulateSpecError(f"empty item in {text!r}")
-        match = re.fullmatch(r"(?:(\d+)\s*[xX*]\s*)?([^:]+?)\s*(?::\s*(\w*))?", item)
+        match = re.fullmatch(r"(?:(\d{1,6})\s*[xX*]\s*)?([^:]+?)\s*(?::\s*(\w*))?", item, re.ASCII | re.DOTALL)
         if match is None:
-            raise SimulateSpecError(f"cannot read {item!r}: write COUNTxNAME[:LINK], e.g. 4xL4 or 2xA100-80GB:nvlink")
+            raise SimulateSpecError(f"cannot read {_short(item)!r}: write COUNTxNAME[:LINK], e.g. 4xL4 or "
+                                    "2xA100-80GB:nvlink")
         count, what, link = int(match.group(1) or 1), match.group(2).strip(), match.group(3)
-        if count < 1 or count > 64:
-            raise SimulateSpecError(f"{count} GPUs in {item!r}: give between 1 and 64")
+        if count < 1 or count > MAX_SIMULATED:
+            raise SimulateSpecError(f"{count} GPUs in {_short(item)!r}: give between 1 and {MAX_SIMULATED}")
         spec = specs.lookup(what)
         if spec is not None:
             name, memory = spec.name, spec.memory
@@ -79,16 +84,17 @@ def parse_groups(text: str) -> list[Group]:
                 memory = parse_size(what)
             except SizeError:
                 raise SimulateSpecError(
-                    f"cannot read {item!r}: write COUNTxSIZE (4x24GiB), COUNTxNAME (2xA100-80GB), a name (H100) "
-                    f"or sizes separated by commas (24GiB,80GiB), each optionally followed by :LINK "
+                    f"cannot read {_short(item)!r}: write COUNTxSIZE (4x24GiB), COUNTxNAME (2xA100-80GB), a name "
+                    f"(H100) or sizes separated by commas (24GiB,80GiB), each optionally followed by :LINK "
                     f"({', '.join(LINKS)}). Known names: {', '.join(specs.known_names())}"
                 ) from None
             if memory < GiB:
-                raise SimulateSpecError(f"{item!r} is smaller than 1 GiB: did you mean {what}GiB?")
+                raise SimulateSpecError(f"{_short(item)!r} is smaller than 1 GiB: did you mean {_short(what)}GiB?")
             name = f"Simulated GPU {format_size(memory, digits=0)}"
         groups.append(Group(count, name, memory, spec, _link(item, link, spec)))
-    if sum(g.count for g in groups) > 64:
-        raise SimulateSpecError(f"{sum(g.count for g in groups)} GPUs in {text!r}: give at most 64")
+    if sum(g.count for g in groups) > MAX_SIMULATED:
+        raise SimulateSpecError(f"{_short(text)!r} names {sum(g.count for g in groups)} GPUs: simulate at most "
+                                f"{MAX_SIMULATED}")
     return groups
 
 
@@ -97,7 +103,7 @@ def _link(item: str, link: str | None, spec: specs.GPUSpec | None) -> str:
         link = spec.default_link if spec else "pcie"
     link = link.lower()
     if link not in LINKS:
-        raise SimulateSpecError(f"unknown link {link!r} in {item!r}: give one of {', '.join(LINKS)}")
+        raise SimulateSpecError(f"unknown link {_short(link)!r} in {_short(item)!r}: give one of {', '.join(LINKS)}")
     if link == "nvlink" and (spec is None or not spec.nvlink_generation):
         what = "a GPU given only by its size" if spec is None else f"the {spec.key}"
         raise SimulateSpecError(f"{item!r}: {what} has no NVLink. Use :pcie, or a model with NVLink "
@@ -116,6 +122,10 @@ def power_draw(spec: specs.GPUSpec | None, utilization: int) -> float | None:
         return None
     share = min(max(utilization, 0), 100) / 100
     return spec.idle_power + (spec.power_limit - spec.idle_power) * share
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class SimulatedGPUs:
@@ -181,7 +191,6 @@ class SimulatedGPUs:
 
     def topology(self):
         """The links of the simulated machine, through the same interface as NVML's."""
-        from .simulated_topology import build
 
         if self._topology is None:
             self._topology = build(self.groups, self.spec_text)
@@ -204,5 +213,3 @@ class SimulatedGPUs:
         )
 
 
-def pci_bus_id(i: int) -> str:
-    return f"00000000:{0x10 + i:02X}:00.0"

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from itertools import combinations
 
-from .simulated import Group, pci_bus_id
 from .topology import GPUInterconnect, Link, Topology, estimate
 
 
-def _ends(groups: list[Group]) -> list[tuple[int, GPUInterconnect]]:
+def pci_bus_id(i: int) -> str:
+    """A simulated GPU's PCI bus id, one bus per GPU."""
+    return f"00000000:{0x10 + i:02X}:00.0"
+
+
+def _ends(groups: list) -> list[tuple[int, GPUInterconnect]]:
     """(group number, the GPU's end of its links) per GPU, in index order."""
     out = []
     for number, g in enumerate(groups):
@@ -32,7 +36,7 @@ def _ends(groups: list[Group]) -> list[tuple[int, GPUInterconnect]]:
     return out
 
 
-def _link(groups: list[Group], first: dict[int, int], ga: int, a: GPUInterconnect, gb: int,
+def _link(groups: list, first: dict[int, int], ga: int, a: GPUInterconnect, gb: int,
           b: GPUInterconnect) -> Link:
     group = groups[ga]
     nvlinks = 0
@@ -55,7 +59,7 @@ def _link(groups: list[Group], first: dict[int, int], ga: int, a: GPUInterconnec
     return Link((a.index, b.index), path, nvlinks, generation, p2p, p2p, bandwidth, latency)
 
 
-def build(groups: list[Group], spec_text: str) -> Topology:
+def build(groups: list, spec_text: str) -> Topology:
     ends = _ends(groups)
     first: dict[int, int] = {}
     for number, end in ends:

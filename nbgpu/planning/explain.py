@@ -163,7 +163,7 @@ def _tensor(plan) -> list[str]:
 
 
 def _offload(plan) -> list[str]:
-    from .plan import DISK_BANDWIDTH, PCIE_BANDWIDTH
+    from .memory import DISK_BANDWIDTH, PCIE_BANDWIDTH
 
     out = []
     if plan.cpu_weights:

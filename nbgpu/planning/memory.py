@@ -21,9 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import checks
 from ..devices.calibration import DEFAULT as CALIBRATION
+from ..errors import UsageError
 
 DEFAULT_CONTEXT = CALIBRATION.context
+DEFAULT_SEQ_LEN = 2048
+PCIE_BANDWIDTH = 25e9  # bytes/s a PCIe 4.0 x16 link moves in practice (estimate for offload slowdowns)
+DISK_BANDWIDTH = 2e9  # bytes/s of a fast NVMe drive (estimate)
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _FULL = ("full_attention", "attention", "global_attention")
 _WINDOWED = ("sliding_attention", "hybrid_sliding", "reference_sliding_attention")
@@ -258,3 +263,29 @@ def estimate(config, dtype: str, workload: Workload, gated: bool = True) -> Esti
     if w.attention not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
         est.notes.append(f"attention {w.attention!r}: estimated like sdpa (no score matrix)")
     return est
+
+
+def workload(batch, seq_len, prompt_len, new_tokens, prefill_chunk, attn_implementation, cache) -> Workload:
+    """The run a plan is for. Only seq_len (the old form): the whole length is planned as a prompt (the largest
+    prefill). prompt_len and/or new_tokens: the prefill follows the prompt, the KV cache prompt + new tokens."""
+    batch = checks.integer(batch, "batch", 1, checks.MAX_BATCH)
+    total = None if seq_len is None else checks.integer(seq_len, "seq_len", 1, checks.MAX_TOKENS)
+    prompt = None if prompt_len is None else checks.integer(prompt_len, "prompt_len", 1, checks.MAX_TOKENS)
+    new = None if new_tokens is None else checks.integer(new_tokens, "new_tokens", 0, checks.MAX_TOKENS)
+    if prompt is None and new is None:
+        prompt, new = (DEFAULT_SEQ_LEN if total is None else total), 0
+    elif new is None:
+        new = 0 if total is None else total - prompt
+        if new < 0:
+            raise UsageError(f"prompt_len={prompt} is longer than seq_len={total}: give prompt_len <= seq_len")
+    elif prompt is None:
+        prompt = (DEFAULT_SEQ_LEN if total is None else total) - new
+        if prompt < 1:
+            raise UsageError(f"new_tokens={new} leaves no prompt in seq_len={total or DEFAULT_SEQ_LEN}: give "
+                             "prompt_len, or a longer seq_len")
+    elif total is not None and prompt + new != total:
+        raise UsageError(f"seq_len={total} is not prompt_len + new_tokens = {prompt} + {new}: give two of them")
+    chunk = None if prefill_chunk is None else checks.integer(prefill_chunk, "prefill_chunk", 1, checks.MAX_TOKENS)
+    attention = checks.choice(attn_implementation, "attn_implementation", ATTENTION)
+    cache = checks.choice(cache, "cache", ("dynamic", "static"))
+    return Workload(batch, prompt, new, chunk, attention, cache)

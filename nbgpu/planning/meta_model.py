@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from .. import checks
 from ..errors import UsageError
 
 _LAYER_INDEX = re.compile(r"\.(\d+)$")
@@ -40,6 +41,8 @@ class MetaModel:
     embed: str | None = None  # the input embedding unit
     head: str | None = None  # the output projection unit (lm_head)
     gated_mlp: bool = True  # gate and up projections (Llama-like) rather than a plain two-layer MLP (GPT-2)
+    fingerprint: dict | None = None  # a checkpoint folder's config hash and weight files (sources.fingerprint)
+    trust_remote_code: bool = False  # the user allowed the model's own code (nbgpu.plan(trust_remote_code=True))
 
     @property
     def total(self) -> int:
@@ -52,78 +55,56 @@ class MetaModel:
         self._by_name = {u.name: u for u in self.units}
 
 
-def read_config(source):
-    """A transformers config from a local folder, a config.json path, a config object, a dict or a hub id."""
-    from transformers import AutoConfig, PretrainedConfig
+def read_config(source, trust_remote_code: bool = False):
+    """A transformers config from a local folder, a config.json path, a config object, a dict or a hub id
+    (see sources.read_config: no code shipped with the model runs, an unreachable hub is refused quickly)."""
+    from .sources import read_config as read
 
-    if isinstance(source, PretrainedConfig):
-        return source
-    if isinstance(source, dict):
-        data = dict(source)
-        model_type = data.pop("model_type", None)
-        if not model_type:
-            raise UsageError("a config dict needs a 'model_type' (e.g. 'llama', 'gpt2', 'mistral')")
-        try:
-            return AutoConfig.for_model(model_type, **data)
-        except ValueError as exc:
-            raise UsageError(f"cannot build a config for model_type {model_type!r}: {exc}") from None
-    if not isinstance(source, (str, os.PathLike)):
-        raise UsageError(f"cannot read a model from {type(source).__name__}: give a local checkpoint folder, "
-                         "a config object or dict, or a hub id such as 'meta-llama/Llama-3.1-8B'")
-    text = os.fspath(source)
-    if os.path.isfile(text):
-        return AutoConfig.from_pretrained(os.path.dirname(text) or ".") if os.path.basename(text) == "config.json" \
-            else _refuse(text, "is a file; give the folder that holds config.json")
-    if os.path.isdir(text) and not os.path.isfile(os.path.join(text, "config.json")):
-        _refuse(text, "is a folder without config.json")
-    try:
-        return AutoConfig.from_pretrained(text)
-    except (OSError, ValueError) as exc:
-        where = "a local folder" if os.path.isdir(text) else "not a local folder, and its config is neither cached " \
-            "nor reachable on the hub (offline?)"
-        first_line = str(exc).splitlines()[0][:200]
-        raise UsageError(f"cannot read the config of {text!r}: {where}. Pass a local checkpoint folder, a config "
-                         f"object or a dict instead. ({type(exc).__name__}: {first_line})") from None
-
-
-def _refuse(text, why):
-    raise UsageError(f"{text!r} {why}")
+    return read(source, trust_remote_code)
 
 
 def dtype_name(dtype) -> str:
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return str(dtype).removeprefix("torch.")
-    name = str(dtype).removeprefix("torch.")
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    name = aliases.get(name, name)
-    if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
-        raise UsageError(f"unknown dtype {dtype!r}: use 'bfloat16', 'float16' or 'float32'")
-    return name
+    """Any floating-point dtype by torch's canonical name ('double' and torch.float64 -> 'float64')."""
+    return checks.dtype(dtype, allowed=None)
 
 
-def build(source, dtype: str = "bfloat16") -> MetaModel:
+def build(source, dtype: str = "bfloat16", trust_remote_code: bool = False, config=None) -> MetaModel:
+    """The model of `source` on the meta device. With `config` (a plan file's), nothing is read from `source`."""
     import torch
     from accelerate import init_empty_weights
     from accelerate.utils import compute_module_sizes, find_tied_parameters
     from transformers import AutoModelForCausalLM
 
-    config = read_config(source)
+    from .sources import check_config, fingerprint, from_library, locate
+
+    read_from_source = config is None
+    if read_from_source:
+        config = read_config(source, trust_remote_code)
+    else:
+        check_config(config)
     name = dtype_name(dtype)
-    try:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, name))
-    except ValueError as exc:
-        raise UsageError(f"{type(config).__name__} is not a causal language model transformers can build: "
-                         f"{str(exc).splitlines()[0][:200]}") from None
+
+    def from_config():  # on a copy: from_config writes the dtype into the config it is given (the user's object)
+        # torch's meta device as well: transformers then skips initialising weights that hold no data
+        with init_empty_weights(), torch.device("meta"):
+            return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=getattr(torch, name),
+                                                    trust_remote_code=trust_remote_code)
+
+    model = from_library(f"transformers cannot build {type(config).__name__} as a causal language model",
+                         from_config)
     tied_model = copy.deepcopy(model)  # from_pretrained plans on the untied model; ties change the sizes
     tied_model.tie_weights()
     tied = [sorted(g) for g in find_tied_parameters(tied_model)]
     sizes = compute_module_sizes(tied_model)
     no_split = sorted(getattr(model, "_no_split_modules", None) or [])
     units = _units(tied_model, sizes, set(no_split))
-    meta = MetaModel(source, config, name, model, units, no_split, tied)
+    meta = MetaModel(source, config, name, model, units, no_split, tied, trust_remote_code=trust_remote_code)
+    if meta.total > checks.MAX_SIZE:
+        raise UsageError(f"{type(config).__name__} describes a model of {meta.total:.3g} bytes, more than any machine "
+                         "holds: check the config's sizes (hidden, intermediate, vocabulary, experts)")
+    if read_from_source and isinstance(source, (str, os.PathLike)):
+        kind, where = locate(source)
+        meta.fingerprint = fingerprint(where) if kind == "folder" else None
     meta.tied_units = [sorted({_owner(units, p) for p in g}) for g in tied]
     meta.tied_units = [g for g in meta.tied_units if len(g) > 1]
     meta.embed = _owner(units, _param_of(model.get_input_embeddings(), model))

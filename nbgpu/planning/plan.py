@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
+from .. import checks
 from ..devices import GPU
 from ..devices.calibration import DEFAULT as CALIBRATION
 from ..errors import UsageError
 from ..units import GiB, format_size, parse_size
-from . import memory, strategies, tensor_plan, tp_sizes
+from . import memory, sources, strategies, tensor_plan, tp_sizes
 from .meta_model import MetaModel, build, dtype_name
 
 DEFAULT_RESERVE = "1GiB"
-DEFAULT_SEQ_LEN = 2048
-PCIE_BANDWIDTH = 25e9  # bytes/s a PCIe 4.0 x16 link moves in practice (estimate for offload slowdowns)
-DISK_BANDWIDTH = 2e9  # bytes/s of a fast NVMe drive (estimate)
 PARALLEL = ("layers", "tensor")
 
 
@@ -73,7 +72,7 @@ def resolve_gpus(gpus, visible: list[GPU] | None = None) -> list[GPU]:
     ('2x24GiB', '24GiB,80GiB', 'A100-80GB'); or a list of inventory GPUs and/or sizes ('24GiB', 80e9)."""
     from ..devices.simulated import SimulatedGPUs
 
-    if gpus is None or (isinstance(gpus, int) and not isinstance(gpus, bool)):
+    if gpus is None or (isinstance(gpus, numbers.Integral) and not isinstance(gpus, bool)):
         if visible is None:
             from ..visibility import current
 
@@ -83,10 +82,11 @@ def resolve_gpus(gpus, visible: list[GPU] | None = None) -> list[GPU]:
                 raise UsageError("no GPU is visible to plan for: pass gpus='2x24GiB' (or a list of sizes) to plan "
                                  "for GPUs this machine does not have, or run nbgpu.simulate('4xL4')")
             return list(visible)
-        if gpus < 1 or gpus > len(visible):
-            raise UsageError(f"gpus={gpus}: this kernel sees {len(visible)} GPU(s); give 1..{len(visible)} "
+        count = checks.integer(gpus, "gpus", 1, checks.MAX_GPUS)
+        if count > len(visible):
+            raise UsageError(f"gpus={count}: this kernel sees {len(visible)} GPU(s); give 1..{len(visible)} "
                              "or a spec such as '4x24GiB'")
-        return list(visible[:gpus])
+        return list(visible[:count])
     if isinstance(gpus, str):
         return list(SimulatedGPUs(gpus).read().gpus)
     if isinstance(gpus, (list, tuple)):
@@ -94,15 +94,20 @@ def resolve_gpus(gpus, visible: list[GPU] | None = None) -> list[GPU]:
         for item in gpus:
             if isinstance(item, GPU):
                 out.append(item)
-            elif isinstance(item, (str, int, float)) and not isinstance(item, bool):
-                spec = item if isinstance(item, str) else f"{int(item)}B"
-                out.append(replace(SimulatedGPUs(spec).read().gpus[0], index=len(out)))
+            elif isinstance(item, str):
+                out += [replace(g, index=len(out) + i) for i, g in enumerate(SimulatedGPUs(item).read().gpus)]
+            elif isinstance(item, numbers.Real) and not isinstance(item, bool):
+                nbytes = checks.size(item, "a GPU's memory in gpus=", allow_zero=False)
+                out.append(replace(SimulatedGPUs(f"{nbytes}B").read().gpus[0], index=len(out)))
             else:
-                raise UsageError(f"cannot read {item!r} as a GPU: give an inventory GPU or a size such as '24GiB'")
+                raise UsageError(f"cannot read {checks.shown(item)} as a GPU: give an inventory GPU or a size such as "
+                                 "'24GiB'")
+            if len(out) > checks.MAX_GPUS:
+                raise UsageError(f"gpus= names more than {checks.MAX_GPUS} GPUs: plan for at most {checks.MAX_GPUS}")
         if not out:
             raise UsageError("gpus=[] names no GPU")
         return out
-    raise UsageError(f"cannot read gpus={gpus!r}: give None, a count, a spec such as '2x24GiB', or a list")
+    raise UsageError(f"cannot read gpus={checks.shown(gpus)}: give None, a count, a spec such as '2x24GiB', or a list")
 
 
 class Plan:
@@ -149,6 +154,11 @@ class Plan:
         return self._meta.config
 
     @property
+    def source_label(self) -> str:
+        """The model's source in a few words: its folder or hub id, or the kind of config it was made from."""
+        return _source_label(self.source)
+
+    @property
     def dtype(self) -> str:
         return self._meta.dtype
 
@@ -173,6 +183,11 @@ class Plan:
     def tp(self) -> int:
         """GPUs that share every layer (1 for a layer split)."""
         return len(self.gpus) if self.parallel == "tensor" else 1
+
+    @property
+    def fingerprint(self) -> dict | None:
+        """The checkpoint folder as it was when planned (config hash, weight files and sizes); None otherwise."""
+        return self._meta.fingerprint
 
     @property
     def simulated(self) -> bool:
@@ -361,8 +376,11 @@ class Plan:
         """Move modules ('model.layers.20-31', a name, or a list) to a device (cuda index, 'cpu', 'disk').
         Refused with the plan unchanged when a name is unknown, inside a no-split module, or splits tied weights."""
         self._layers_only("layers to move")
-        strategies.check_device(device, self.targets, modules)
+        device = strategies.check_device(device, self.targets, modules)
         names = strategies.select(self._meta, modules)
+        if not names:
+            raise UsageError(f"{checks.shown(modules)} names no module: give a module name, a range such as "
+                             "'model.layers.20-31', or a list of them")
         new = dict(self._assignment)
         for name in names:
             new[name] = device
@@ -375,6 +393,11 @@ class Plan:
     def set_boundaries(self, counts: list[int]) -> Plan:
         """Decoder layers per GPU in order (e.g. [14, 18]); the editor's handles call this."""
         self._layers_only("layer boundaries")
+        if hasattr(counts, "tolist") and not isinstance(counts, (list, tuple)):  # a numpy array
+            counts = counts.tolist()
+        if not isinstance(counts, (list, tuple)):
+            raise UsageError(f"set_boundaries takes a list of layer counts per GPU, e.g. [14, 18], not "
+                             f"{checks.shown(counts)}")
         new = self._tie_followers(strategies.manual(self._meta, list(counts), self.targets), None)
         self._check_tied(new)
         self._assignment, self._raw_map, self.strategy = new, None, "manual"
@@ -403,9 +426,9 @@ class Plan:
     def with_batch(self, batch: int | None = None, seq_len: int | None = None) -> Plan:
         """The same model, GPUs and strategy, planned again for another batch and/or total length (the prompt
         shrinks with the length; the new tokens stay where they fit)."""
-        batch = _positive(batch or self.batch, "batch")
-        total = _positive(seq_len or self.seq_len, "seq_len")
-        new = min(self.new_tokens, total - 1) if total > 1 else 0
+        batch = self.batch if batch is None else checks.integer(batch, "batch", 1, checks.MAX_BATCH)
+        total = self.seq_len if seq_len is None else checks.integer(seq_len, "seq_len", 1, checks.MAX_TOKENS)
+        new = min(self.new_tokens, total - 1)
         work = replace(self.workload, batch=batch, prompt_len=total - new, new_tokens=new)
         return self._again(work)
 
@@ -420,20 +443,23 @@ class Plan:
         return sum(d.over for d in self.devices) + self._cpu_over
 
     def to_dict(self) -> dict:
-        from .exports import to_dict
+        """The plan as the JSON object `save` writes (format nbgpu-plan/2, docs/plan-format.md)."""
+        from .plan_file import to_dict
 
         return to_dict(self)
 
     def save(self, path) -> None:
-        from .exports import save
+        """Write the plan as JSON; the file is written whole and renamed, so a failure leaves an old one intact."""
+        from .plan_file import save
 
         save(self, path)
 
     @classmethod
-    def load(cls, path) -> Plan:
-        from .exports import load
+    def load(cls, path, trust_remote_code: bool = False) -> Plan:
+        """A plan from `save`, validated field by field; reads neither the network nor the model's folder."""
+        from .plan_file import load
 
-        return load(path)
+        return load(path, cls, trust_remote_code)
 
     def ktransformers_rules(self) -> str:
         from .exports import ktransformers_rules
@@ -502,38 +528,6 @@ def _span(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)} modules)"
 
 
-def _positive(value, what) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{what} must be a whole number of at least 1, not {value!r}")
-    return value
-
-
-def workload(batch, seq_len, prompt_len, new_tokens, prefill_chunk, attn_implementation, cache) -> memory.Workload:
-    """The run a plan is for. Only seq_len (the old form): the whole length is planned as a prompt (the largest
-    prefill). prompt_len and/or new_tokens: the prefill follows the prompt, the KV cache prompt + new tokens."""
-    batch = _positive(batch, "batch")
-    if prompt_len is None and new_tokens is None:
-        prompt, new = _positive(DEFAULT_SEQ_LEN if seq_len is None else seq_len, "seq_len"), 0
-    else:
-        total = None if seq_len is None else _positive(seq_len, "seq_len")
-        new = 0 if new_tokens is None and prompt_len is not None and total is None else new_tokens
-        if new is None:
-            new = total - _positive(prompt_len, "prompt_len")
-        if isinstance(new, bool) or not isinstance(new, int) or new < 0:
-            raise UsageError(f"new_tokens must be a whole number of at least 0, not {new_tokens!r}")
-        prompt = prompt_len if prompt_len is not None else (total or DEFAULT_SEQ_LEN) - new
-        prompt = _positive(prompt, "prompt_len (seq_len - new_tokens)")
-        if total is not None and prompt + new != total:
-            raise UsageError(f"seq_len={total} is not prompt_len + new_tokens = {prompt} + {new}: give two of them")
-    chunk = None if prefill_chunk is None else _positive(prefill_chunk, "prefill_chunk")
-    if attn_implementation not in memory.ATTENTION:
-        raise UsageError(f"attn_implementation must be one of {', '.join(memory.ATTENTION)}, "
-                         f"not {attn_implementation!r}")
-    if cache not in ("dynamic", "static"):
-        raise UsageError(f"cache must be 'dynamic' (generate's default) or 'static' (compiled), not {cache!r}")
-    return memory.Workload(batch, prompt, new, chunk, attn_implementation, cache)
-
-
 def _cpu_available() -> int:
     import psutil
 
@@ -543,7 +537,8 @@ def _cpu_available() -> int:
 def plan(model, gpus=None, dtype="bfloat16", batch: int = 1, seq_len: int | None = None, strategy="balanced",
          reserve=DEFAULT_RESERVE, offload=False, context=memory.DEFAULT_CONTEXT, cpu_memory=None, *,
          prompt_len: int | None = None, new_tokens: int | None = None, prefill_chunk: int | None = None,
-         attn_implementation: str = "sdpa", cache: str = "dynamic", parallel: str = "layers") -> Plan:
+         attn_implementation: str = "sdpa", cache: str = "dynamic", parallel: str = "layers",
+         trust_remote_code: bool = False) -> Plan:
     """Plan where each layer of a causal LM goes and what every GPU will hold, before anything loads.
 
     model: local checkpoint folder, config object or dict (with 'model_type'), or hub id (config only).
@@ -560,25 +555,25 @@ def plan(model, gpus=None, dtype="bfloat16", batch: int = 1, seq_len: int | None
     reserve: memory kept free on every GPU; context: CUDA context per GPU in use (calibrated default).
     offload: False (report what is missing), 'cpu' (offload to CPU memory), 'disk' or True (CPU, then disk).
     cpu_memory: CPU memory offered for offload (default: available RAM now).
+    trust_remote_code: run code shipped with the model (its config's auto_map) to build it; off unless you say so.
     """
-    from ..visibility import current
-
-    if offload not in (False, None, True, "cpu", "disk"):
-        raise UsageError(f"offload must be False, 'cpu', 'disk' or True, not {offload!r}")
-    if parallel not in PARALLEL:
-        raise UsageError(f"parallel must be 'layers' (a layer split) or 'tensor' (tensor parallelism), not "
-                         f"{parallel!r}")
+    reserve, context = checks.size(reserve, "reserve"), checks.size(context, "context")
+    cpu_memory = checks.optional_size(cpu_memory, "cpu_memory")
+    offload = checks.choice(offload, "offload", (False, None, True, "cpu", "disk"))
+    parallel = checks.choice(parallel, "parallel", PARALLEL)
+    trust_remote_code = checks.boolean(trust_remote_code, "trust_remote_code")
     if parallel == "tensor" and (offload or strategy != "balanced"):
         raise UsageError("a tensor-parallel plan splits every layer over every GPU: it takes no strategy and no "
                          "offload (plan parallel='layers' for those)")
-    work = workload(batch, seq_len, prompt_len, new_tokens, prefill_chunk, attn_implementation, cache)
-    visible = [t.gpu for t in current().targets] if gpus is None or isinstance(gpus, int) else []
-    gpu_list = resolve_gpus(gpus, visible)
+    work = memory.workload(batch, seq_len, prompt_len, new_tokens, prefill_chunk, attn_implementation, cache)
+    sources.check_model(model)  # a missing folder or an unreachable hub id is told before torch is imported
+    dtype = checks.dtype(dtype)
+    gpu_list = resolve_gpus(gpus)
     reserve_b, context_b = parse_size(reserve), parse_size(context)
     cpu_b = _cpu_available() if cpu_memory is None else parse_size(cpu_memory)
-    meta = build(model, dtype_name(dtype))
+    meta = build(model, dtype_name(dtype), trust_remote_code=trust_remote_code)
     return Plan(meta, gpu_list, workload=work, strategy=strategy, reserve=reserve_b, context=context_b,
                 offload=offload or False, cpu_memory=cpu_b, parallel=parallel)
 
 
-__all__ = ["DeviceBudget", "GiB", "Plan", "plan", "resolve_gpus", "workload"]
+__all__ = ["DeviceBudget", "GiB", "Plan", "plan", "resolve_gpus"]

@@ -17,16 +17,18 @@ memory model (`memory.Estimates.device`), tabulated once for every contiguous ru
 from __future__ import annotations
 
 import logging
+import numbers
 import re
 from contextlib import contextmanager
 
 import numpy as np
 
+from .. import checks
 from ..errors import UsageError
 from .meta_model import MetaModel
 
 STRATEGIES = ("balanced", "sequential", "accelerate")
-_RANGE = re.compile(r"^(?P<prefix>.+)\.(?P<lo>\d+)-(?P<hi>\d+)$")
+_RANGE = re.compile(r"^(?P<prefix>.+)\.(?P<lo>\d+)-(?P<hi>\d+)$", re.ASCII | re.DOTALL)
 _STEPS = 40  # bisection steps: ratios to ~1e-12 of their range
 
 
@@ -248,13 +250,18 @@ def select(meta: MetaModel, spec) -> list[str]:
         for item in spec:
             out += [n for n in select(meta, item) if n not in out]
         return out
-    text = str(spec).strip()
+    if not isinstance(spec, str):
+        raise UsageError(f"modules are named by strings ('model.layers.3', 'model.layers.20-31'), not "
+                         f"{checks.shown(spec)}")
+    text = spec.strip()
     names = [u.name for u in meta.units]
     match = _RANGE.match(text)
     if match:
         lo, hi = int(match["lo"]), int(match["hi"])
         if lo > hi:
             raise UsageError(f"range {text!r} runs backwards: write {match['prefix']}.{hi}-{lo}")
+        if hi - lo >= len(names):
+            raise UsageError(f"{text!r}: the model has {_layer_span(meta)}")
         wanted = [f"{match['prefix']}.{i}" for i in range(lo, hi + 1)]
         missing = [w for w in wanted if w not in names]
         if missing:
@@ -292,7 +299,7 @@ def manual(meta: MetaModel, spec, devices: list) -> dict:
                          f"or a list of layer counts per GPU, not {spec!r}")
     chosen: dict[str, object] = {}
     for key, device in spec.items():
-        check_device(device, devices, key)
+        device = check_device(device, devices, key)
         for name in select(meta, key):
             chosen[name] = device
     if not chosen:
@@ -308,8 +315,12 @@ def manual(meta: MetaModel, spec, devices: list) -> dict:
 def _from_counts(meta: MetaModel, counts: list, devices: list) -> dict:
     layers = [u for u in meta.units if u.layer is not None]
     gpus = [d for d in devices if isinstance(d, int)]
-    if len(counts) > len(gpus) or any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in counts):
-        raise UsageError(f"layer counts {counts} must be whole numbers, one per GPU (at most {len(gpus)})")
+    if len(counts) > len(gpus):
+        raise UsageError(f"{len(counts)} layer counts for {len(gpus)} GPU(s): give one count per GPU, at most "
+                         f"{len(gpus)}")
+    counts = [checks.integer(c, "each layer count", 0, len(layers)) for c in counts]
+    if not layers:
+        raise UsageError("this model has no numbered decoder layers to count: place its modules by name instead")
     if sum(counts) != len(layers):
         raise UsageError(f"layer counts {counts} add up to {sum(counts)}, but the model has {len(layers)} layers")
     owner, i = {}, 0
@@ -325,7 +336,17 @@ def _from_counts(meta: MetaModel, counts: list, devices: list) -> dict:
     return out
 
 
-def check_device(device, devices: list, what) -> None:
-    if isinstance(device, bool) or device not in devices:
-        raise UsageError(f"cannot place {what!r} on {device!r}: choose one of {', '.join(map(repr, devices))} "
-                         "(ints are cuda:N indexes of this plan)")
+def check_device(device, devices: list, what):
+    """The device as a plan stores it: an int cuda index (numpy ints and 'cuda:N' accepted), 'cpu' or 'disk'.
+    A float such as 1.0, a bool or a device outside `devices` is refused."""
+    found = None
+    if isinstance(device, numbers.Integral) and not isinstance(device, bool) and type(device).__name__ != "bool":
+        found = int(device)
+    elif isinstance(device, str):
+        text = device.strip()
+        match = re.fullmatch(r"cuda:(\d{1,4})", text, re.ASCII)
+        found = int(match.group(1)) if match else text
+    if found is None or found not in devices or isinstance(found, bool):
+        raise UsageError(f"cannot place {checks.shown(what)} on {checks.shown(device)}: choose one of "
+                         f"{', '.join(map(repr, devices))} (ints are cuda:N indexes of this plan)")
+    return found

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from .. import devices
 from ..errors import UsageError
 from ..units import format_size
-from . import oom, placement, protocol, roofline, split_compile, step_profile, tensor_parallel, timeline
-from .load import SIMULATED_NOTE
+from . import arguments, oom, placement, protocol, roofline, split_compile, step_profile, tensor_parallel, timeline
+from .report import SIMULATED_NOTE
 
 
 @dataclass
@@ -112,19 +112,46 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def _prompts(model, batch, prompt_len, tokenizer, prompt, seed):
+def _prompts(vocab: int, batch, prompt_len, tokenizer, prompt, seed):
+    """The prompt ids on the CPU: random tokens, or `prompt` through its tokenizer, repeated for the batch."""
     import torch
 
-    device = model.get_input_embeddings().weight.device
     if prompt is not None:
         if tokenizer is None:
             raise UsageError("a text prompt needs its tokenizer: bench(model, tokenizer=tok, prompt='...')")
-        ids = tokenizer(prompt, return_tensors="pt").input_ids[:1]
-        ids = ids.repeat(batch, 1)
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, model.config.get_text_config().vocab_size, (batch, prompt_len), generator=gen)
-    return ids.to(device)
+        return tokenizer(prompt, return_tensors="pt").input_ids[:1].repeat(batch, 1)
+    return torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+
+
+def _bench_tensor_parallel(model, *, batch, prompt_len, new_tokens, repeats, warmup, compile, tokenizer, prompt,
+                           label, explain, seed) -> BenchResult:
+    """The same protocol in every worker, rank 0's clock; with `explain`, on GPUs, where one decode step's time
+    went on each GPU (matrix, communication, other, idle), from each worker's profile."""
+    model.check_running()
+    if compile and model.simulated:
+        raise UsageError("compile=True needs the model on CUDA GPUs: transformers compiles generate only there "
+                         "(these workers run on the CPU for simulated GPUs); use compile=False")
+    if compile:
+        warmup = max(warmup, 2)  # the first run compiles, the next records CUDA graphs
+    ids = _prompts(model.config.get_text_config().vocab_size, batch, prompt_len, tokenizer, prompt, seed)
+    tensor_parallel.simulated_busy(model, True)
+    try:
+        runs, peaks = model.measure(ids, new_tokens=new_tokens, repeats=repeats, warmup=warmup, compile=compile)
+        profile = model.profile_decode(ids, compile=compile) if explain and not model.simulated else None
+    finally:
+        tensor_parallel.simulated_busy(model, False)
+    steps = None if profile is None else timeline.from_profile(
+        profile, "kernels the profiler saw in one decode step, in each worker (CUPTI); each GPU from its own step's "
+                 "start (one process per GPU, no common clock)")
+    where = f"{model.world_size} simulated GPUs" if model.simulated else str(model.world_size)
+    mode = "compiled" if compile else "eager"
+    return BenchResult(
+        label=label or f"{model.name} tensor-parallel {where} {mode}" + (f" batch {batch}" if batch > 1 else ""),
+        batch=batch, prompt_len=ids.shape[1], new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+        compiled=compile, simulated=model.simulated, devices=list(range(model.world_size)),
+        ttft=[r.ttft for r in runs], decode_seconds=[r.decode for r in runs],
+        step_latencies=[x for r in runs for x in r.steps], generated_tokens=batch * new_tokens, peak_memory=peaks,
+        timeline=steps)
 
 
 def _label(model, compile: bool, devices_used, simulated: bool) -> str:
@@ -169,17 +196,15 @@ def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: 
     went on each GPU. A list of batch sizes runs one benchmark per size and returns a Sweep.
     """
     if isinstance(batch, (list, tuple)):
-        if not batch:
-            raise UsageError("batch=[] names no batch size: give e.g. batch=[1, 8, 32]")
+        if not batch or len(batch) > 64:
+            raise UsageError(f"batch={batch!r}: give 1 to 64 batch sizes, e.g. batch=[1, 8, 32]")
         return Sweep(bench(model, b, prompt_len, new_tokens, repeats, warmup, compile, tokenizer=tokenizer,
                            prompt=prompt, label=f"{label} batch {b}" if label else None, explain=explain, seed=seed)
                      for b in batch)
-    for name, value, low in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 2),
-                             ("repeats", repeats, 1), ("warmup", warmup, 0)):
-        if not isinstance(value, int) or value < low:
-            raise UsageError(f"{name} must be a whole number of at least {low}, not {value!r}")
+    batch, prompt_len, new_tokens, repeats, warmup, compile, label, explain, seed = arguments.bench_arguments(
+        model, batch, prompt_len, new_tokens, repeats, warmup, compile, tokenizer, prompt, label, explain, seed)
     if isinstance(model, tensor_parallel.TensorParallelModel):  # runs the same protocol in every worker
-        return tensor_parallel.bench(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+        return _bench_tensor_parallel(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
                                      repeats=repeats, warmup=warmup, compile=compile, tokenizer=tokenizer,
                                      prompt=prompt, label=label, explain=explain, seed=seed)
 
@@ -192,7 +217,8 @@ def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: 
     if compile:
         warmup = max(warmup, 2)  # the first run compiles, the next records CUDA graphs
     sync = placement.synchronizer(gpus)
-    ids = _prompts(model, batch, prompt_len, tokenizer, prompt, seed)
+    ids = _prompts(model.config.get_text_config().vocab_size, batch, prompt_len, tokenizer, prompt, seed)
+    ids = ids.to(model.get_input_embeddings().weight.device)
     prompt_len = ids.shape[1]
     gen = protocol.generation_config(model, new_tokens, compile)
     split = len(gpus) > 1

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from .bench import BenchResult
-from .load import SIMULATED_NOTE
+from .report import SIMULATED_NOTE
 
 COLUMNS = ["run", "devices", "mode", "batch", "ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min",
            "decode_tok_s_max", "latency_p50_ms", "latency_p90_ms", "roofline_tok_s (estimate)", "roofline_fraction"]
@@ -45,6 +45,9 @@ class Comparison:
 
 def compare(results) -> Comparison:
     """A table and chart of BenchResults (a list, or a dict label -> result, whose labels are then used)."""
+    if isinstance(results, (str, bytes, BenchResult)) or not isinstance(results, (dict, list, tuple)):
+        raise UsageError(f"compare takes a list of nbgpu.bench results (or a dict label -> result), not "
+                         f"{type(results).__name__}")
     if isinstance(results, dict):
         items = []
         for label, r in results.items():

@@ -3,91 +3,20 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
 
-from .. import devices, visibility
+from .. import checks, devices, visibility
 from ..errors import UsageError
 from ..planning.meta_model import dtype_name
-from ..units import format_size
-from . import oom, placement
-
-SIMULATED_NOTE = "simulated — ran on CPU"
-TOLERANCE = 0.05  # measured vs planned: a larger difference is worth a warning
+from . import arguments, oom, placement
+from .report import SIMULATED_NOTE, TOLERANCE, GPUMemory, LoadReport, differences  # noqa: F401
+from .report import show as show_report
 
 
-@dataclass(frozen=True)
-class GPUMemory:
-    """One GPU after a load: the plan's figures beside what was measured (bytes; None where not available)."""
-
-    cuda_index: int
-    gpu_index: int | None  # physical (nvidia-smi) index
-    gpu_name: str | None
-    planned_weights: int | None
-    planned_total: int | None  # weights + KV cache + activations + context + others, at the plan's batch/seq_len
-    weights: int  # bytes of the loaded tensors placed on this GPU
-    allocated: int | None  # torch allocator: what this load added
-    reserved: int | None  # torch allocator: reserved now
-    peak_reserved: int | None
-    nvml_process: int | None  # NVML: this process's memory on the GPU
-    nvml_used: int | None  # NVML: the whole GPU
-
-    @property
-    def measured(self) -> int:
-        """The figure compared with the planned weights: the allocator's on a GPU, the tensors' bytes when simulated."""
-        return self.allocated if self.allocated is not None else self.weights
-
-    @property
-    def difference(self) -> float | None:
-        if not self.planned_weights:
-            return None
-        return (self.measured - self.planned_weights) / self.planned_weights
-
-    @property
-    def off_plan(self) -> bool:
-        """The measured weights differ from the plan's by more than TOLERANCE (worth a warning)."""
-        return self.difference is not None and abs(self.difference) > TOLERANCE
-
-
-@dataclass
-class LoadReport:
-    """What `nbgpu.load` did: where the model went and the memory it took, measured, beside the plan."""
-
-    source: str
-    plan: object | None
-    simulated: bool
-    placement: dict  # module -> device on the (simulated) GPUs
-    gpus: list[GPUMemory]
-    seconds: float
-    dtype: str
-    cpu_weights: int = 0
-    disk_weights: int = 0
-    warnings: list[str] = field(default_factory=list)
-
-    def __repr__(self) -> str:
-        head = f"nbgpu.load({self.source!r}) in {self.seconds:.1f} s, {self.dtype}"
-        if self.simulated:
-            head += f" [{SIMULATED_NOTE}; memory shown on the simulated GPUs]"
-        lines = [head]
-        for g in self.gpus:
-            diff = "" if g.difference is None else f" ({g.difference:+.1%} vs plan)"
-            alloc = "n/a (" + SIMULATED_NOTE + ")" if g.allocated is None else format_size(g.allocated, "auto")
-            lines.append(f"  cuda:{g.cuda_index} {g.gpu_name or 'n/a'}: planned weights "
-                         f"{format_size(g.planned_weights, 'auto')}, tensors {format_size(g.weights, 'auto')}, "
-                         f"allocated {alloc}{diff}, NVML this process {format_size(g.nvml_process, 'auto')}")
-        if not self.gpus:
-            lines.append(f"  on the CPU (no GPU): {format_size(self.cpu_weights, 'auto')}")
-        elif self.cpu_weights or self.disk_weights:
-            lines.append(f"  offloaded: {format_size(self.cpu_weights, 'auto')} on CPU, "
-                         f"{format_size(self.disk_weights, 'auto')} on disk")
-        lines += [f"  warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
-
-
+@arguments.library_errors("the model could not be loaded")
 def load(plan_or_model, *, show: bool = True, **from_pretrained_kwargs):
     """Load a model with transformers and measure the memory it took on each GPU.
 
@@ -96,7 +25,11 @@ def load(plan_or_model, *, show: bool = True, **from_pretrained_kwargs):
     Returns the model; `model.nbgpu_load` holds the `LoadReport`, which is also displayed in a notebook (`show`).
     With simulated GPUs the model runs on the CPU and the memory is recorded on the simulated GPUs.
     Out of memory: everything is released and `NotEnoughMemory` says what was missing and which plan would fit.
+    Code shipped with the model never runs unless you pass trust_remote_code=True; a plan is refused when its
+    folder no longer holds the checkpoint it was made for.
     """
+    show = checks.boolean(show, "show")
+    arguments.load_arguments(plan_or_model, from_pretrained_kwargs)
     if getattr(plan_or_model, "parallel", None) == "tensor":  # worker processes, one per GPU
         from .tensor_parallel import load_plan
 
@@ -134,7 +67,7 @@ def load(plan_or_model, *, show: bool = True, **from_pretrained_kwargs):
     for w in report.warnings:
         warnings.warn(w, stacklevel=2)
     if show:
-        _display(report)
+        show_report(report)
     return model
 
 
@@ -265,7 +198,7 @@ def _report(model, plan, source, sim, simulated, seconds, before, torch, user_de
         cpu_weights=tensor_bytes.get("cpu", 0),
         disk_weights=tensor_bytes.get("disk", 0),
     )
-    report.warnings = _differences(report)
+    report.warnings = differences(report)
     return report
 
 
@@ -273,23 +206,3 @@ def _gpu_for(vis, planned, n):
     if n in planned:
         return planned[n].gpu
     return vis.targets[n].gpu if n < len(vis.targets) else None
-
-
-def _differences(report: LoadReport) -> list[str]:
-    out = []
-    what = "tensors' bytes" if report.simulated else "allocated memory"
-    for g in report.gpus:
-        if g.off_plan:
-            out.append(f"cuda:{g.cuda_index}: {what} {format_size(g.measured, 'auto')} differs from the planned "
-                       f"weights {format_size(g.planned_weights, 'auto')} by {g.difference:+.1%}")
-    return out
-
-
-def _display(report: LoadReport) -> None:
-    if "IPython" not in sys.modules:
-        return
-    from IPython import get_ipython
-    from IPython.display import display
-
-    if get_ipython() is not None:
-        display(report)

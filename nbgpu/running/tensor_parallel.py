@@ -37,10 +37,10 @@ from .. import devices, visibility
 from ..errors import UsageError
 from ..units import format_size
 from . import tp_processes
-from .load import SIMULATED_NOTE, GPUMemory, LoadReport, _differences, _display
+from .report import SIMULATED_NOTE, GPUMemory, LoadReport, differences
 from .tp_processes import TensorParallelError
 
-__all__ = ["TensorParallelError", "TensorParallelModel", "bench", "load_plan", "start"]
+__all__ = ["TensorParallelError", "TensorParallelModel", "load_plan", "start"]
 
 LOAD_TIMEOUT_S = 3600  # the process group's timeout: sharded loading of a large model can take long on one rank
 
@@ -104,6 +104,10 @@ class TensorParallelModel:
     @property
     def name(self) -> str:
         return str(getattr(self.config, "_name_or_path", "") or "model").rstrip("/").split("/")[-1]
+
+    def check_running(self) -> None:
+        """UsageError (saying why) when the workers are gone."""
+        self._workers.check_running()
 
     # --- calls -----------------------------------------------------------------------------------------------
     def generate(self, input_ids=None, **generate_kwargs):
@@ -236,7 +240,7 @@ def start(source, gpus=2, *, dtype="bfloat16", plan=None, show: bool = True,
     for w in report.warnings:
         warnings.warn(w, stacklevel=3)
     if show:
-        _display(report)
+        show(report)
     return model
 
 
@@ -298,55 +302,13 @@ def _report(infos: list, gpu_list: list, plan, spec: dict, simulated: bool, work
     report = LoadReport(source=spec["source"], plan=plan, simulated=simulated,
                         placement={"": tuple(range(len(gpu_list)))}, gpus=rows,
                         seconds=seconds, dtype=infos[0]["dtype"])
-    report.warnings = _differences(report)
+    report.warnings = differences(report)
     return report
 
 
 # --- bench ---------------------------------------------------------------------------------------------------
 
-def bench(model: TensorParallelModel, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, warmup: int,
-          compile: bool, tokenizer=None, prompt=None, label=None, explain: bool = True, seed: int = 0):
-    """`nbgpu.bench` on a tensor-parallel model: the shared protocol in every worker, rank 0's clock; with
-    `explain`, on GPUs, where one decode step's time went on each GPU (matrix, communication, other, idle)."""
-    import torch
-
-    from . import timeline
-    from .bench import BenchResult
-
-    model._workers.check_running()
-    if compile and model.simulated:
-        raise UsageError("compile=True needs the model on CUDA GPUs: transformers compiles generate only there "
-                         "(these workers run on the CPU for simulated GPUs); use compile=False")
-    if compile:
-        warmup = max(warmup, 2)  # the first run compiles, the next records CUDA graphs
-    if prompt is not None:
-        if tokenizer is None:
-            raise UsageError("a text prompt needs its tokenizer: bench(model, tokenizer=tok, prompt='...')")
-        ids = tokenizer(prompt, return_tensors="pt").input_ids[:1].repeat(batch, 1)
-    else:
-        vocab = model.config.get_text_config().vocab_size
-        ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
-    _simulated_busy(model, True)
-    try:
-        runs, peaks = model.measure(ids, new_tokens=new_tokens, repeats=repeats, warmup=warmup, compile=compile)
-        profile = model.profile_decode(ids, compile=compile) if explain and not model.simulated else None
-    finally:
-        _simulated_busy(model, False)
-    steps = None if profile is None else timeline.from_profile(
-        profile, "kernels the profiler saw in one decode step, in each worker (CUPTI); each GPU from its own step's "
-                 "start (one process per GPU, no common clock)")
-    where = f"{model.world_size} simulated GPUs" if model.simulated else str(model.world_size)
-    mode = "compiled" if compile else "eager"
-    return BenchResult(
-        label=label or f"{model.name} tensor-parallel {where} {mode}" + (f" batch {batch}" if batch > 1 else ""),
-        batch=batch, prompt_len=ids.shape[1], new_tokens=new_tokens, repeats=repeats, warmup=warmup,
-        compiled=compile, simulated=model.simulated, devices=list(range(model.world_size)),
-        ttft=[r.ttft for r in runs], decode_seconds=[r.decode for r in runs],
-        step_latencies=[x for r in runs for x in r.steps], generated_tokens=batch * new_tokens, peak_memory=peaks,
-        timeline=steps)
-
-
-def _simulated_busy(model: TensorParallelModel, busy: bool) -> None:
+def simulated_busy(model: TensorParallelModel, busy: bool) -> None:
     """While a simulated run goes, every simulated GPU of a tensor-parallel model shows as busy (all work at once)."""
     sim = devices.simulated()
     if sim is None or not model.simulated:

@@ -18,6 +18,7 @@ from plotly.subplots import make_subplots
 
 from ..monitoring import Monitor, Sample
 from ..units import GiB
+from . import presentation
 
 MIN_REDRAW = 0.2  # seconds between redraws, whatever the polling interval (each redraw sends the whole history)
 _METRIC = {  # metric -> (title, unit, value of a GPUSample)
@@ -72,6 +73,11 @@ class MonitorView:
             self._draw_bars(sample)
             self._draw_series(samples)
             self.processes.value = _process_table(sample)
+            self._draw_header()
+
+    def failed(self, error) -> None:
+        """A poll failed: the status line says so (the error is kept in the monitor's `errors`)."""
+        with self._lock:
             self._draw_header()
 
     def stopped(self, reason: str) -> None:
@@ -159,8 +165,7 @@ class MonitorView:
     def _draw_header(self) -> None:
         m = self.monitor
         sample = m.latest
-        badge = ("<span style='background:#f59e0b;color:white;padding:1px 6px;border-radius:3px'>SIMULATED</span> "
-                 if sample is not None and sample.simulated else "")
+        badge = presentation.badge(sample is not None and sample.simulated)
         state = "running" if m.running else (m.stopped_because or "stopped")
         when = f" · last {sample.datetime:%H:%M:%S}" if sample is not None else ""
         errors = ""
@@ -178,9 +183,7 @@ class MonitorView:
 
 
 def _memory_text(g) -> str:
-    if g.memory_total is None:
-        return "n/a"
-    return f"{(g.memory_used or 0) / GiB:.1f} / {g.memory_total / GiB:.0f} GiB"
+    return presentation.used_of_total(g.memory_used, g.memory_total)
 
 
 def _process_table(sample: Sample) -> str:
@@ -207,3 +210,36 @@ def _process_table(sample: Sample) -> str:
 
 def _short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def view_of(monitor) -> MonitorView:
+    """The monitor's widget view (one per monitor: built on first display, reused after)."""
+    found = next((v for v in monitor.subscribers if isinstance(v, MonitorView)), None)
+    return found if found is not None else MonitorView(monitor)
+
+
+def widget_of(monitor):
+    return view_of(monitor).widget
+
+
+def monitor_html(monitor) -> str:
+    """The status and the latest sample as text lines (a terminal, or where widgets cannot show)."""
+    from ..monitoring import sample_lines
+
+    sample = monitor.latest
+    body = "" if sample is None else "<br>".join(escape(line) for line in sample_lines(sample, monitor.show))
+    style = "font-family:monospace;font-size:12px"
+    return f"<div><b>{escape(monitor.status())}</b><div style='{style}'>{body}</div></div>"
+
+
+def display_monitor(monitor) -> None:
+    """In a kernel: the live widget; if it cannot be built (no plotly/ipywidgets), the HTML, and why in .errors."""
+    from IPython.display import display
+
+    try:
+        widget = widget_of(monitor)
+    except Exception as err:  # the text still shows; the reason is kept, never printed into a cell
+        monitor.record_error("view", err)
+        display({"text/plain": repr(monitor), "text/html": monitor_html(monitor)}, raw=True)
+        return
+    display(widget)

@@ -106,7 +106,7 @@ def status_html(plan) -> str:
     w = plan.workload
     how = f"tensor parallel over {plan.tp} GPUs" if plan.parallel == "tensor" else f"strategy {plan.strategy}" \
         if isinstance(plan.strategy, str) else "placed by hand"
-    head = (f"{_source(plan.source)}: {plan.dtype}, batch {w.batch} x ({w.prompt_len} prompt + {w.new_tokens} new) "
+    head = (f"{plan.source_label}: {plan.dtype}, batch {w.batch} x ({w.prompt_len} prompt + {w.new_tokens} new) "
             f"tokens, {how}")
     counts = ", ".join(f"cuda:{i}: {c}" for i, c in enumerate(plan.layer_counts()))
     pos = beyond(plan)
@@ -115,14 +115,6 @@ def status_html(plan) -> str:
                                    "explanation)</b>")
     return (f"<div>{presentation.badge(plan.simulated)}<b>{escape(head)}</b><br>"
             f"layers per GPU: {counts} &middot; <b style='color:{color}'>{escape(text)}</b>{warn}</div>")
-
-
-def _source(source) -> str:
-    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
-        return str(source)
-    if isinstance(source, dict):
-        return f"config dict ({source.get('model_type', '?')})"
-    return type(source).__name__
 
 
 def memory_html(plan) -> str:

@@ -20,20 +20,22 @@ HTML: dict[tuple[str, str], str] = {
     ("nbgpu.planning.plan", "Plan"): "nbgpu.views.plan_view:plan_html",
     ("nbgpu.gpu_table", "GPUTable"): "nbgpu.views.gpu_table_view:gpu_table_html",
     ("nbgpu.visibility", "Visibility"): "nbgpu.views.gpu_table_view:visibility_html",
-    ("nbgpu.running.load", "LoadReport"): "nbgpu.views.load_view:load_html",
+    ("nbgpu.running.report", "LoadReport"): "nbgpu.views.load_view:load_html",
     ("nbgpu.running.bench", "BenchResult"): "nbgpu.views.bench_view:bench_html",
     ("nbgpu.running.bench", "Sweep"): "nbgpu.views.bench_view:sweep_html",
     ("nbgpu.running.compare", "Comparison"): "nbgpu.views.bench_view:compare_html",
     ("nbgpu.running.timeline", "Timeline"): "nbgpu.views.bench_view:timeline_html",
+    ("nbgpu.monitoring", "Monitor"): "nbgpu.views.monitor_view:monitor_html",
 }
 # in a kernel: HTML and figures (Plotly's own output type) or widgets
 WIDGET: dict[tuple[str, str], str] = {
     ("nbgpu.planning.plan", "Plan"): "nbgpu.views.plan_view:display_plan",
-    ("nbgpu.running.load", "LoadReport"): "nbgpu.views.load_view:show_load",
+    ("nbgpu.running.report", "LoadReport"): "nbgpu.views.load_view:show_load",
     ("nbgpu.running.bench", "BenchResult"): "nbgpu.views.bench_view:show_bench",
     ("nbgpu.running.bench", "Sweep"): "nbgpu.views.bench_view:show_sweep",
     ("nbgpu.running.compare", "Comparison"): "nbgpu.views.bench_view:show_compare",
     ("nbgpu.running.timeline", "Timeline"): "nbgpu.views.bench_view:show_timeline",
+    ("nbgpu.monitoring", "Monitor"): "nbgpu.views.monitor_view:display_monitor",
 }
 
 
