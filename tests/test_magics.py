@@ -129,7 +129,8 @@ def test_auto_limits_given_to_the_magic_reach_the_choice(fake_nvml):
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"  # the refused call changed nothing
 
 
-@pytest.mark.parametrize("line, message", [("go", "invalid choice: 'go'"), ("--help", "usage: %gpu_monitor")])
+@pytest.mark.parametrize("line, message", [("go", "invalid choice: 'go'"),
+                                           ("--help", r"%gpu_monitor \[--interval INTERVAL\] \[--history HISTORY\]")])
 def test_gpu_monitor_magic_refuses_what_it_cannot_read(line, message):
     from nbgpu.magics import gpu_monitor_magic
 
