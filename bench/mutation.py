@@ -51,7 +51,7 @@ LEFT_OUT_TESTS = [
 # The CI sample: a fixed random sample of the mutants of files whose tests take seconds, with only the test files
 # that exercise them (mutmut first runs every selected test once to learn which test reaches which function).
 CI_FILES = ["nbgpu/running/timeline.py", "nbgpu/running/roofline.py", "nbgpu/planning/tp_sizes.py",
-            "nbgpu/views/memory_bars.py", "nbgpu/gpu_table.py", "nbgpu/magics.py"]
+            "nbgpu/views/memory_bars.py", "nbgpu/views/gpu_table_view.py", "nbgpu/gpu_table.py", "nbgpu/magics.py"]
 CI_TESTS = ["tests/test_bench_figures.py", "tests/test_plan_oracles.py", "tests/test_views.py", "tests/test_magics.py"]
 CI_SAMPLE = 20  # mutants per module, drawn with the fixed seed
 
