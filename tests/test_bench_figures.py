@@ -56,11 +56,10 @@ RUNS = [(0.125, 1 / 64), (0.25, 1 / 32), (0.5, 1 / 16)]
 BATCH, PROMPT, NEW = 2, 10, 5
 
 
-@pytest.fixture
-def timed_run(model, monkeypatch):
+@pytest.fixture(scope="module")
+def timed_run(model):
     """bench() on the tiny model with the clock above: returns (result, number of forward calls per run)."""
     clock = Clock()
-    monkeypatch.setattr(protocol, "time", SimpleNamespace(perf_counter=clock.perf_counter))
     plan = iter([WARMUP, *RUNS])
     state = {"run": None, "forwards": []}
 
@@ -76,8 +75,10 @@ def timed_run(model, monkeypatch):
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        result = nbgpu.bench(model, batch=BATCH, prompt_len=PROMPT, new_tokens=NEW, repeats=len(RUNS), warmup=1,
-                             explain=False)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(protocol, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+            result = nbgpu.bench(model, batch=BATCH, prompt_len=PROMPT, new_tokens=NEW, repeats=len(RUNS), warmup=1,
+                                 explain=False)
     finally:
         handle.remove()
     return result, state["forwards"]
