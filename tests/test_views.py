@@ -372,3 +372,36 @@ def test_the_monitor_plots_used_memory_and_utilisation_over_time(monkeypatch):
     strangers = [(style, cells) for style, cells in processes if cells and cells[1] == str(STRANGER)]
     assert len(strangers) == 2 and not any(style for style, _ in strangers)
     view.close()
+
+
+def test_every_cell_of_a_real_gpus_row(shell, fake_nvml):
+    fake_nvml([FakeGPU(uuid(0), compute=[(os.getpid(), 2 * GiB)])])
+    rows = gpu_rows(shown(shell, nbgpu.gpus())["text/html"])
+    # FakeGPU's NVML readings: 3 of 80 GiB used, 12% busy, 41 C, 95 of 400 W, P0, persistence on, sm 8.0, no MIG
+    assert rows["0"][1][:13] == ["0", "cuda:0", "NVIDIA A100-SXM4-80GB", uuid(0), "00000000:07:00.0",
+                                 "3.0 GiB / 80 GiB", "12%", "41C", "95 / 400 W", "P0", "on", "8.0", "off"]
+    assert rows["0"][1][13].startswith(f"{os.getpid()} (this kernel)") and rows["0"][1][13].endswith("2048 MiB")
+
+
+def test_the_monitors_text_says_what_each_gpu_reads(monkeypatch):
+    from nbgpu.monitoring import Monitor, sample_lines
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    inv = reading([9 * GiB, 6 * GiB], [90, 40])
+    lost = GPU(index=2, uuid=None, name=None, pci_bus_id=None, memory_total=None, memory_used=None, memory_free=None,
+               utilization=None, temperature=None, power_draw=None, power_limit=None, pstate=None,
+               persistence_mode=None, compute_capability=None, mig_mode=None, processes=None, simulated=True)
+    m = Monitor(interval=600, read=lambda: Inventory(gpus=(*inv.gpus, lost), backend="simulated"), start=False,
+                temperature=True)
+    lines = sample_lines(m.latest, m.show)
+    assert lines[0].endswith(" (simulated GPUs, not real hardware)")
+    assert lines[1] == ("GPU 0 cuda:0 Test GPU (simulated): memory 9.0 / 24.0 GiB (this kernel 8.0, other 1.0, "
+                        "free 15.0), util 90%, temp 49C")
+    assert lines[-1] == ("GPU 2 cuda:2 n/a (simulated): memory n/a / n/a GiB (this kernel n/a, other n/a, free n/a), "
+                         "util n/a, temp n/a")
+
+
+def test_the_topology_of_real_gpus_has_no_simulated_badge(shell, fake_nvml):
+    fake_nvml([FakeGPU(uuid(i), bus_id=f"00000000:{7 + i:02X}:00.0") for i in range(2)], ancestors={(0, 1): 30})
+    html = shown(shell, nbgpu.topology())["text/html"]
+    assert "SIMULATED" not in html and ">PHB</td>" in html
