@@ -175,6 +175,14 @@ def test_bench_runs_the_protocol_in_every_worker(llama_tp):
     assert result.simulated and result.devices == [0, 1] and result.peak_memory == {}
     assert "tensor-parallel 2 simulated GPUs eager" in result.label and not result.compiled
     assert "simulated" in repr(nbgpu.compare([result]))
+    # the roofline: every GPU reads its shard and its share of the cache at once (by hand: 2 of the 4 heads' KV
+    # heads here, float32, the average context of 6 + 5 // 2 tokens, both sequences, both layers)
+    bound = result.roofline
+    kv_per_gpu = (KV // 2) * 2 * (H // HEADS) * 4 * (6 + 5 // 2) * 2 * LAYERS
+    assert bound.together and [g.kv_cache for g in bound.gpus] == [kv_per_gpu] * 2
+    assert [g.weights for g in bound.gpus] == [row.weights for row in llama_tp.nbgpu_load.gpus]
+    slowest = max((g.weights + kv_per_gpu) / g.bandwidth for g in bound.gpus)
+    assert bound.tokens_per_s == pytest.approx(2 / slowest) and bound.fraction is None  # simulated: no fraction
     with pytest.raises(UsageError, match="compile=True needs"):
         nbgpu.bench(llama_tp, compile=True, new_tokens=3, repeats=1)
     with pytest.raises(UsageError, match="new_tokens"):

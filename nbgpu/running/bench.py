@@ -145,13 +145,17 @@ def _bench_tensor_parallel(model, *, batch, prompt_len, new_tokens, repeats, war
                  "start (one process per GPU, no common clock)")
     where = f"{model.world_size} simulated GPUs" if model.simulated else str(model.world_size)
     mode = "compiled" if compile else "eager"
-    return BenchResult(
+    result = BenchResult(
         label=label or f"{model.name} tensor-parallel {where} {mode}" + (f" batch {batch}" if batch > 1 else ""),
         batch=batch, prompt_len=ids.shape[1], new_tokens=new_tokens, repeats=repeats, warmup=warmup,
         compiled=compile, simulated=model.simulated, devices=list(range(model.world_size)),
         ttft=[r.ttft for r in runs], decode_seconds=[r.decode for r in runs],
         step_latencies=[x for r in runs for x in r.steps], generated_tokens=batch * new_tokens, peak_memory=peaks,
         timeline=steps)
+    if explain:
+        result.roofline = roofline.estimate_tensor_parallel(model, batch, result.prompt_len, new_tokens,
+                                                            result.decode_tokens_per_s)
+    return result
 
 
 def _label(model, compile: bool, devices_used, simulated: bool) -> str:

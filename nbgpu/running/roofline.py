@@ -41,11 +41,15 @@ class Roofline:
     measured_tokens_per_s: float | None
     simulated: bool
     note: str = "estimate: peak memory bandwidth (NVML clocks / known GPUs table); real kernels reach 80-90%"
+    together: bool = False  # tensor parallel: the GPUs read their shares at once (else one after another)
 
     @property
     def step_seconds(self) -> float | None:
+        """A layer split: each GPU in turn (the sum); tensor parallel: all at once (the slowest GPU)."""
         times = [g.seconds for g in self.gpus]
-        return None if not times or None in times else sum(times)
+        if not times or None in times:
+            return None
+        return max(times) if self.together else sum(times)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -95,3 +99,18 @@ def estimate(model, batch: int, prompt_len: int, new_tokens: int, measured_token
         gpu = planned.get(n) or (targets[n].gpu if n < len(targets) else None)
         bounds.append(GPUBound(n, gpu.name if gpu else None, weights[n], kv[n], bandwidth(gpu)))
     return Roofline(tuple(bounds), batch, context, measured_tokens_per_s, simulated)
+
+
+def estimate_tensor_parallel(model, batch: int, prompt_len: int, new_tokens: int,
+                             measured_tokens_per_s: float | None) -> Roofline:
+    """The bound for a tensor-parallel model: each GPU reads its shard and its share of the KV cache every step,
+    all GPUs at once; the all-reduces between them are left out (a bound)."""
+    report = model.nbgpu_load
+    context = prompt_len + new_tokens // 2
+    kv_per_layer, _ = memory.kv_per_layer(model.config, report.dtype, batch, context)
+    heads = getattr(getattr(report, "plan", None), "heads", None)
+    share = heads.kv_heads_per_gpu / heads.kv_heads if heads is not None else 1 / model.world_size
+    kv = int(sum(kv_per_layer.values()) * share)
+    bounds = tuple(GPUBound(row.cuda_index, gpu.name, row.weights, kv, bandwidth(gpu))
+                   for row, gpu in zip(report.gpus, model.gpus))
+    return Roofline(bounds, batch, context, measured_tokens_per_s, model.simulated, together=True)
