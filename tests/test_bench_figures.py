@@ -204,6 +204,9 @@ def test_roofline_bound_and_fraction_by_hand():
     assert "reached 75.0%" in repr(bound) and "1,333 tokens/s" in repr(bound)
     unknown = Roofline((GPUBound(0, "a", 3e9, 0, None),), 1, 10, 5.0, False)
     assert unknown.tokens_per_s is None and unknown.fraction is None and "bandwidth unknown" in repr(unknown)
+    # tensor parallel: the GPUs read their shares at once, so the step is the slowest GPU's 2 ms: 2,000 tokens/s
+    together = Roofline(bound.gpus, 4, 100, 1000.0, simulated=False, together=True)
+    assert together.step_seconds == pytest.approx(2e-3) and together.fraction == pytest.approx(0.5)
     simulated = Roofline(bound.gpus, 4, 100, 1000.0, simulated=True)
     assert simulated.tokens_per_s == bound.tokens_per_s and simulated.fraction is None  # the run was on the CPU
 
