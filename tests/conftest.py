@@ -4,9 +4,6 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-# Tests never reach the model hub: an id that is not cached is refused at once instead of after the hub's retries.
-# (Read by huggingface_hub when it is imported, so set before any test imports transformers; kernels inherit it.)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One thread per process for the tiny models: the suite runs kernels, workers and a browser beside itself on two
 # cores, where torch's spinning OpenMP threads make a 0.5 s benchmark take 5 s. (Kernels and workers inherit it.)
 os.environ.setdefault("OMP_NUM_THREADS", "1")

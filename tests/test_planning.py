@@ -163,12 +163,12 @@ def test_manual_ranges_and_moves():
         nbgpu.plan(llama(layers=8), gpus="2x24GiB", strategy=[3, 4])
 
 
-def test_bad_inputs_are_usage_errors():
+def test_bad_inputs_are_usage_errors(monkeypatch):
     with pytest.raises(UsageError, match="unknown strategy"):
         nbgpu.plan(llama(), gpus="1x24GiB", strategy="fastest")
     with pytest.raises(UsageError, match="model_type"):
         nbgpu.plan({"hidden_size": 64}, gpus="1x24GiB")
-    # tests run offline (conftest): an id that is not cached is refused at once
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the offline switch: an id that is not cached is refused at once
     with pytest.raises(UsageError, match="not in the Hugging Face cache; HF_HUB_OFFLINE is set, so the hub is not"):
         nbgpu.plan("no-such-org/no-such-model-xyz", gpus="1x24GiB")
     with pytest.raises(UsageError, match="dtype"):
