@@ -169,16 +169,19 @@ def test_bench_runs_the_protocol_in_every_worker(llama_tp):
     result = nbgpu.bench(llama_tp, batch=2, prompt_len=6, new_tokens=5, repeats=3, warmup=1)
     assert result.generated_tokens == 2 * 5 and result.prompt_len == 6 and result.batch == 2
     assert len(result.ttft) == len(result.decode_seconds) == 3 and len(result.step_latencies) == 3 * 4
+    cpu = result.cpu_times  # the workers' own clock (simulated GPUs: the figures shown are modelled)
+    assert len(cpu["ttft"]) == len(cpu["decode_seconds"]) == 3 and len(cpu["step_latencies"]) == 3 * 4
     for run in range(3):  # each decode time is the sum of its own steps, from the same clock
-        assert sum(result.step_latencies[run * 4:(run + 1) * 4]) == pytest.approx(result.decode_seconds[run])
+        assert sum(cpu["step_latencies"][run * 4:(run + 1) * 4]) == pytest.approx(cpu["decode_seconds"][run])
     assert 0 < result.latency_p50_s <= result.latency_p90_s
     lo, hi = result.decode_spread
     assert lo <= result.decode_tokens_per_s <= hi
     assert result.simulated and result.devices == [0, 1] and result.peak_memory == {}
     assert "tensor-parallel 2 simulated GPUs eager" in result.label and not result.compiled
     assert "simulated" in repr(nbgpu.compare([result]))
-    with pytest.raises(UsageError, match="compile=True needs"):
-        nbgpu.bench(llama_tp, compile=True, new_tokens=3, repeats=1)
+    assert result.modelled and "(modelled)" in result.label  # simulated GPUs: the timings are modelled
+    compiled = nbgpu.bench(llama_tp, compile=True, new_tokens=3, repeats=1)  # the workers run eager on the CPU
+    assert compiled.compiled and "compiled tensor parallel" in compiled.modelled
     with pytest.raises(UsageError, match="new_tokens"):
         nbgpu.bench(llama_tp, new_tokens=1)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .. import devices
 from ..errors import UsageError
 from ..units import format_size
-from . import oom, placement, protocol, roofline, split_compile, step_profile, tensor_parallel, timeline
+from . import cost_model, oom, placement, protocol, roofline, split_compile, step_profile, tensor_parallel, timeline
 from .load import SIMULATED_NOTE
 
 
@@ -38,6 +38,9 @@ class BenchResult:
     roofline: roofline.Roofline | None = None
     timeline: timeline.Timeline | None = None
     notes: list[str] = field(default_factory=list)  # what a reader needs to read the figures right
+    modelled: str | None = None  # None: measured; else what the modelled timings rest on (simulated GPUs)
+    cpu_times: dict | None = None  # modelled runs: the CPU run's own ttft / decode_seconds / step_latencies (proof of
+    # the code path, never shown as a GPU's speed)
 
     # --- derived figures (medians across repeats) ---
     @property
@@ -80,7 +83,8 @@ class BenchResult:
         frac = self.roofline.fraction if self.roofline else None
         bound = self.roofline.tokens_per_s if self.roofline else None
         return {
-            "run": self.label, "devices": ",".join(map(str, self.devices)),
+            "run": self.label, "timing": "modelled" if self.modelled else "measured",
+            "devices": ",".join(map(str, self.devices)),
             "mode": "compiled" if self.compiled else "eager", "batch": self.batch,
             "prompt_len": self.prompt_len, "new_tokens": self.new_tokens, "repeats": self.repeats,
             "ttft_ms": self.ttft_s * 1e3, "prefill_tok_s": self.prefill_tokens_per_s,
@@ -94,6 +98,9 @@ class BenchResult:
     def __repr__(self) -> str:
         lo, hi = self.decode_spread
         sim = f" [{SIMULATED_NOTE}]" if self.simulated else ""
+        if self.modelled:
+            sim = f" [{SIMULATED_NOTE}; timings {cost_model.MODELLED}]" if self.simulated else \
+                f" [timings {cost_model.MODELLED}]"
         lines = [
             f"{self.label}{sim}: {'compiled' if self.compiled else 'eager'}, batch {self.batch}, prompt "
             f"{self.prompt_len}, {self.new_tokens} new tokens, {self.repeats} runs after {self.warmup} warm-up",
@@ -108,6 +115,8 @@ class BenchResult:
             lines.append("  " + repr(self.roofline))
         if self.timeline is not None:
             lines.append("  " + repr(self.timeline))
+        if self.modelled:
+            lines.append(f"  timings: {self.modelled}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -192,28 +201,34 @@ def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: 
     sim = devices.simulated()
     simulated = sim is not None or bool(getattr(getattr(model, "nbgpu_load", None), "simulated", False))
     gpus = placement.cuda_devices(model)
-    if compile and not gpus:
-        raise UsageError("compile=True needs the model on a CUDA GPU: transformers compiles generate only there "
-                         f"(this model runs on the CPU{', simulated GPUs' if simulated else ''}); use compile=False")
-    if compile:
-        warmup = max(warmup, 2)  # the first run compiles, the next records CUDA graphs
-    sync = placement.synchronizer(gpus)
     ids = _prompts(model, batch, prompt_len, tokenizer, prompt, seed)
     prompt_len = ids.shape[1]
-    gen = protocol.generation_config(model, new_tokens, compile)
+    # simulated GPUs: the CPU runs the model (eager) and the timings are modelled for the simulated GPUs
+    modelled = cost_model.for_model(model, batch, prompt_len, new_tokens, compile) if simulated else None
+    if compile and not gpus and modelled is None:
+        why = cost_model.why_not(model) if simulated else None
+        raise UsageError("compile=True needs the model on a CUDA GPU: transformers compiles generate only there "
+                         f"(this model runs on the CPU{', simulated GPUs' if simulated else ''}); use compile=False"
+                         + (f". {why}" if why else ""))
+    compile_here = compile and bool(gpus)
+    if compile_here:
+        warmup = max(warmup, 2)  # the first run compiles, the next records CUDA graphs
+    sync = placement.synchronizer(gpus)
+    gen = protocol.generation_config(model, new_tokens, compile_here)
     split = len(gpus) > 1
-    processors = [protocol.CudaGraphStep()] if compile and split else []
+    processors = [protocol.CudaGraphStep()] if compile_here and split else []
     used = gpus or ["cpu"]
 
     def measure():
         return protocol.measure(model, ids, gen, repeats=repeats, warmup=warmup, sync=sync, cuda_devices=gpus,
                                 processors=processors)
 
-    _simulate_load(model, sim, busy=True)
+    _simulate_load(model, sim, busy=True, modelled=modelled)
     try:
-        with split_compile.light_transfers(model) if compile else nullcontext():
+        with split_compile.light_transfers(model) if compile_here else nullcontext():
             runs, peak = oom.guarded(measure, lambda s: _bench_oom(s, model, batch, prompt_len, new_tokens))
-            steps = _timeline(model, ids, gen, gpus, processors, simulated) if explain else None
+            explain_here = explain and modelled is None
+            steps = _timeline(model, ids, gen, gpus, processors, simulated) if explain_here else None
     finally:
         _simulate_load(model, sim, busy=False)
     result = BenchResult(
@@ -225,6 +240,10 @@ def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: 
         timeline=steps,
         notes=[SPLIT_COMPILED] if compile and split else [],
     )
+    if modelled is not None:
+        result = cost_model.apply(result, modelled, explain=explain)
+    elif simulated and cost_model.why_not(model):
+        result.notes.append(f"CPU wall clock, not a GPU's speed: {cost_model.why_not(model)}")
     if explain and (gpus or simulated):
         result.roofline = roofline.estimate(model, batch, prompt_len, new_tokens, result.decode_tokens_per_s,
                                             simulated)
@@ -244,15 +263,17 @@ def _timeline(model, ids, gen, gpus, processors, simulated):
     return timeline.decode_step(model, ids, simulated) if on_gpus else None
 
 
-def _simulate_load(model, sim, busy: bool) -> None:
-    """While a simulated run goes, each simulated GPU shows its share of the weights as utilisation."""
+def _simulate_load(model, sim, busy: bool, modelled=None) -> None:
+    """While a simulated run goes, each simulated GPU shows as utilisation the share of a step it is modelled busy
+    (as nvidia-smi counts it: time a kernel ran), else its share of the weights."""
     report = getattr(model, "nbgpu_load", None)
     if sim is None or report is None:
         return
     total = sum(g.weights for g in report.gpus) or 1
+    share = modelled.busy if modelled is not None else {g.cuda_index: g.weights / total for g in report.gpus}
     for g in report.gpus:
         if g.gpu_index is not None:
-            sim.set_utilization(g.gpu_index, round(100 * g.weights / total) if busy else 0)
+            sim.set_utilization(g.gpu_index, round(100 * share.get(g.cuda_index, 0.0)) if busy else 0)
 
 
 def _bench_oom(shortage: oom.Shortage, model, batch, prompt_len, new_tokens):

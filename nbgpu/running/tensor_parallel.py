@@ -310,15 +310,10 @@ def bench(model: TensorParallelModel, *, batch: int, prompt_len: int, new_tokens
     `explain`, on GPUs, where one decode step's time went on each GPU (matrix, communication, other, idle)."""
     import torch
 
-    from . import timeline
+    from . import cost_model, timeline
     from .bench import BenchResult
 
     model._workers.check_running()
-    if compile and model.simulated:
-        raise UsageError("compile=True needs the model on CUDA GPUs: transformers compiles generate only there "
-                         "(these workers run on the CPU for simulated GPUs); use compile=False")
-    if compile:
-        warmup = max(warmup, 2)  # the first run compiles, the next records CUDA graphs
     if prompt is not None:
         if tokenizer is None:
             raise UsageError("a text prompt needs its tokenizer: bench(model, tokenizer=tok, prompt='...')")
@@ -326,10 +321,20 @@ def bench(model: TensorParallelModel, *, batch: int, prompt_len: int, new_tokens
     else:
         vocab = model.config.get_text_config().vocab_size
         ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
-    _simulated_busy(model, True)
+    # simulated GPUs: the workers run eager on the CPU and the timings are modelled for the simulated GPUs
+    modelled = cost_model.for_tensor_model(model, batch, ids.shape[1], new_tokens, compile) \
+        if model.simulated else None
+    if compile and model.simulated and modelled is None:
+        raise UsageError("compile=True needs the model on CUDA GPUs: transformers compiles generate only there "
+                         "(these workers run on the CPU for simulated GPUs, whose figures cannot be modelled); use "
+                         "compile=False")
+    run_compiled = compile and not model.simulated
+    if run_compiled:
+        warmup = max(warmup, 2)  # the first run compiles, the next records CUDA graphs
+    _simulated_busy(model, True, modelled.busy if modelled is not None else None)
     try:
-        runs, peaks = model.measure(ids, new_tokens=new_tokens, repeats=repeats, warmup=warmup, compile=compile)
-        profile = model.profile_decode(ids, compile=compile) if explain and not model.simulated else None
+        runs, peaks = model.measure(ids, new_tokens=new_tokens, repeats=repeats, warmup=warmup, compile=run_compiled)
+        profile = model.profile_decode(ids, compile=run_compiled) if explain and not model.simulated else None
     finally:
         _simulated_busy(model, False)
     steps = None if profile is None else timeline.from_profile(
@@ -337,20 +342,23 @@ def bench(model: TensorParallelModel, *, batch: int, prompt_len: int, new_tokens
                  "start (one process per GPU, no common clock)")
     where = f"{model.world_size} simulated GPUs" if model.simulated else str(model.world_size)
     mode = "compiled" if compile else "eager"
-    return BenchResult(
+    result = BenchResult(
         label=label or f"{model.name} tensor-parallel {where} {mode}" + (f" batch {batch}" if batch > 1 else ""),
         batch=batch, prompt_len=ids.shape[1], new_tokens=new_tokens, repeats=repeats, warmup=warmup,
         compiled=compile, simulated=model.simulated, devices=list(range(model.world_size)),
         ttft=[r.ttft for r in runs], decode_seconds=[r.decode for r in runs],
         step_latencies=[x for r in runs for x in r.steps], generated_tokens=batch * new_tokens, peak_memory=peaks,
         timeline=steps)
+    return cost_model.apply(result, modelled, explain=explain) if modelled is not None else result
 
 
-def _simulated_busy(model: TensorParallelModel, busy: bool) -> None:
-    """While a simulated run goes, every simulated GPU of a tensor-parallel model shows as busy (all work at once)."""
+def _simulated_busy(model: TensorParallelModel, busy: bool, share: dict | None = None) -> None:
+    """While a simulated run goes, every simulated GPU of a tensor-parallel model shows as utilisation the share of
+    a step it is modelled busy (`share`, by rank), else 100% (all work at once)."""
     sim = devices.simulated()
     if sim is None or not model.simulated:
         return
     for row in model.nbgpu_load.gpus:
         if row.gpu_index is not None and row.gpu_index < len(sim):
-            sim.set_utilization(row.gpu_index, 100 if busy else 0)
+            percent = round(100 * share.get(row.cuda_index, 0.0)) if share is not None else 100
+            sim.set_utilization(row.gpu_index, percent if busy else 0)
