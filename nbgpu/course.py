@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 
 from . import devices, gpu_table
@@ -56,7 +55,6 @@ def setup(spec: str | None = None, *, show: bool = True) -> Machine:
     else simulated ones (`spec`, else $NBGPU_SIMULATE, else the course's default machine, 4 x NVIDIA L4).
     $NBGPU_SIMULATE (or `spec`) simulates even on a machine with GPUs."""
     _load_extension()
-    _quiet_libraries()
     inventory = gpu_table.gpus().inventory
     chosen = spec or os.environ.get("NBGPU_SIMULATE")
     if chosen is None and (len(inventory) == 0 or inventory.simulated):
@@ -88,13 +86,6 @@ def _load_extension() -> None:
         ipython.extension_manager.load_extension("nbgpu")
 
 
-def _quiet_libraries() -> None:
-    """Warnings the notebooks cannot fix at their source, silenced by their exact text (every other stays)."""
-    # accelerate's hooks warn once per run that a tensor moved to another device "may lead to unexpected
-    # behaviour" when a layer split hands its hidden state over: that hand-off is the point of the lesson
-    warnings.filterwarnings("ignore", message=r".*to\(\) is not supported.*", category=UserWarning)
-
-
 def model(shape: dict | None = None, *, dtype: str = "bfloat16", seed: int = 0) -> str:
     """A random-weight Llama saved with `save_pretrained` to a temporary folder (built once per process); returns
     the folder. `shape` (LlamaConfig fields) defaults to a few MB on simulated GPUs and a 1.1B-parameter shape
@@ -111,9 +102,17 @@ def model(shape: dict | None = None, *, dtype: str = "bfloat16", seed: int = 0) 
         config = LlamaConfig(**fields)
     except TypeError as exc:
         raise UsageError(f"cannot build a Llama from {fields}: {exc}") from None
+    from transformers.utils import logging as hf_logging
+
     torch.manual_seed(seed)
     folder = tempfile.mkdtemp(prefix="nbgpu-llama-")
-    AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).save_pretrained(folder)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" would print to stderr for a few MB
+    try:
+        AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).save_pretrained(folder)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     _MODELS[key] = folder
     return folder
 

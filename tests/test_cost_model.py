@@ -138,7 +138,8 @@ def test_bench_on_simulated_gpus_reports_the_modelled_figures_every_time(small_l
     expected = predict(plan, batch=1, prompt_len=8, new_tokens=4)
     assert a.step_latencies == expected.step_latencies * 2 and a.ttft == expected.ttft * 2
     assert a.modelled and "(modelled)" in a.label and "modelled" in repr(a)
-    assert any("CPU run made exactly 4 tokens" in n for n in a.notes)
+    assert any("CPU ran generate 1 time and made exactly 4 tokens" in n for n in a.notes)
+    assert len(a.cpu_times["ttft"]) == 1 and len(a.ttft) == 2  # one CPU run; every repeat modelled alike
     assert set(a.timeline.busy()) == {0, 1} and "modelled" in a.timeline.note
     # tiny layers: eager decoding is host-bound, and a split pays accelerate's hooks on every layer
     one = nbgpu.bench(nbgpu.load(nbgpu.plan(small_llama, gpus=1, batch=1, seq_len=64), show=False), prompt_len=8,

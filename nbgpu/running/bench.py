@@ -103,7 +103,8 @@ class BenchResult:
                 f" [timings {cost_model.MODELLED}]"
         lines = [
             f"{self.label}{sim}: {'compiled' if self.compiled else 'eager'}, batch {self.batch}, prompt "
-            f"{self.prompt_len}, {self.new_tokens} new tokens, {self.repeats} runs after {self.warmup} warm-up",
+            f"{self.prompt_len}, {self.new_tokens} new tokens, {self.repeats} runs "
+            + ("modelled alike" if self.modelled else f"after {self.warmup} warm-up"),
             f"  time to first token {self.ttft_s * 1e3:.1f} ms, prefill {self.prefill_tokens_per_s:,.0f} tokens/s",
             f"  decode {self.decode_tokens_per_s:,.1f} tokens/s (runs {lo:,.1f} .. {hi:,.1f}), per-token latency "
             f"p50 {self.latency_p50_s * 1e3:.2f} ms, p90 {self.latency_p90_s * 1e3:.2f} ms",
@@ -169,6 +170,8 @@ class Sweep(list):
         rows = [f"  batch {r.batch:>4}: decode {r.decode_tokens_per_s:,.1f} tokens/s, per-token p50 "
                 f"{r.latency_p50_s * 1e3:.2f} ms" for r in self]
         sim = f" [{SIMULATED_NOTE}]" if any(r.simulated for r in self) else ""
+        if any(r.modelled for r in self):
+            sim = f" [{SIMULATED_NOTE}; timings {cost_model.MODELLED}]" if sim else f" [timings {cost_model.MODELLED}]"
         return "\n".join([f"{self[0].label.rsplit(' batch', 1)[0]}: batch sweep{sim}", *rows]) if self else "Sweep([])"
 
 
@@ -219,9 +222,12 @@ def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: 
     processors = [protocol.CudaGraphStep()] if compile_here and split else []
     used = gpus or ["cpu"]
 
+    # modelled timings are the same on every run: the CPU runs generate once, to prove the path and the tokens
+    cpu_repeats, cpu_warmup = (1, 0) if modelled is not None else (repeats, warmup)
+
     def measure():
-        return protocol.measure(model, ids, gen, repeats=repeats, warmup=warmup, sync=sync, cuda_devices=gpus,
-                                processors=processors)
+        return protocol.measure(model, ids, gen, repeats=cpu_repeats, warmup=cpu_warmup, sync=sync,
+                                cuda_devices=gpus, processors=processors)
 
     _simulate_load(model, sim, busy=True, modelled=modelled)
     try:

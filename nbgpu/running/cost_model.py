@@ -471,8 +471,10 @@ def apply(result, modelled: Modelled, explain: bool = True):
     from dataclasses import replace
 
     cpu = sum(result.ttft) + sum(result.decode_seconds)
-    proof = (f"the CPU run made exactly {result.new_tokens} tokens per sequence in each of {result.repeats} runs "
-             f"(it proves the code path; its {cpu:.2f} s of CPU time are not shown as a GPU's speed)")
+    runs = len(result.ttft)
+    proof = (f"the CPU ran generate {runs} time{'s' if runs > 1 else ''} and made exactly {result.new_tokens} tokens "
+             f"per sequence (it proves the code path; its {cpu:.2f} s are not shown as a GPU's speed; modelled "
+             "timings are the same on every run)")
     fields = modelled.bench_fields(result.repeats)
     if not explain:
         fields["timeline"] = None

@@ -333,7 +333,10 @@ def bench(model: TensorParallelModel, *, batch: int, prompt_len: int, new_tokens
         warmup = max(warmup, 2)  # the first run compiles, the next records CUDA graphs
     _simulated_busy(model, True, modelled.busy if modelled is not None else None)
     try:
-        runs, peaks = model.measure(ids, new_tokens=new_tokens, repeats=repeats, warmup=warmup, compile=run_compiled)
+        # modelled timings are the same on every run: the workers run generate once, to prove the path and tokens
+        cpu_repeats, cpu_warmup = (1, 0) if modelled is not None else (repeats, warmup)
+        runs, peaks = model.measure(ids, new_tokens=new_tokens, repeats=cpu_repeats, warmup=cpu_warmup,
+                                    compile=run_compiled)
         profile = model.profile_decode(ids, compile=run_compiled) if explain and not model.simulated else None
     finally:
         _simulated_busy(model, False)
