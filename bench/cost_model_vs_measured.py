@@ -4,11 +4,16 @@ bench/split_vs_tensor.py measured on 2 x NVIDIA H200 (torch 2.11.0+cu130, CUDA 1
 32 new tokens). Needs no GPU: the H200s are described, not used.
 
     python bench/cost_model_vs_measured.py
+    python bench/cost_model_vs_measured.py --live     # on a GPU machine: measure the 1B shape here, beside the model
 
-Some measured figures calibrated the model (devices/speed_calibration.py says which); the others test it.
+Some measured figures calibrated the model (devices/speed_calibration.py says which); the others test it. `--live`
+checks the model on this machine's GPUs (other GPUs than the ones it was calibrated on): 1 GPU eager and compiled,
+the layer split and tensor parallelism over two GPUs where there are two, at batch 1 and 16.
 """
 
 from __future__ import annotations
+
+import sys
 
 import nbgpu
 from nbgpu.running.prediction import predict
@@ -63,5 +68,35 @@ def main() -> None:
                           f"({same} order)")
 
 
+def live() -> None:
+    """Measure the 1B shape on this machine's GPUs and print each run beside the model's figure for the same plan."""
+    from nbgpu import course, devices
+
+    if devices.simulated() is not None or not len(devices.read()):
+        print("--live measures on real GPUs: there are none here (simulated runs are modelled, not measured)")
+        return
+    fields = {k: v for k, v in SHAPES["1B"].items() if k != "model_type"}
+    path = course.model(fields)
+    n = min(2, len(nbgpu.visibility.current().targets))
+    ways = [("1 GPU", 1, "layers", False), ("1 GPU", 1, "layers", True)]
+    if n == 2:
+        ways += [("layer split 2", 2, "layers", False), ("tensor parallel 2", 2, "tensor", False)]
+    print(f"{'way':<18} {'mode':<8} {'batch':>5}  {'measured ms':>11} {'modelled':>9} {'diff':>6}")
+    for way, gpus, parallel, compile in ways:
+        plan = nbgpu.plan(path, gpus=gpus, batch=16, prompt_len=128, new_tokens=32, parallel=parallel)
+        model = nbgpu.load(plan, show=False)
+        try:
+            for batch in (1, 16):
+                measured = nbgpu.bench(model, batch=batch, prompt_len=128, new_tokens=32, repeats=3, compile=compile)
+                modelled = predict(plan, batch=batch, prompt_len=128, new_tokens=32, compile=compile)
+                m, p = measured.latency_p50_s * 1e3, modelled.latency_p50_s * 1e3
+                mode = "compiled" if compile else "eager"
+                print(f"{way:<18} {mode:<8} {batch:>5}  {m:>11.2f} {p:>9.2f} {(p - m) / m:>+6.0%}")
+        finally:
+            if hasattr(model, "close"):
+                model.close()
+            del model
+
+
 if __name__ == "__main__":
-    main()
+    live() if "--live" in sys.argv else main()
