@@ -24,6 +24,7 @@ _LAZY = {
     "load": "nbgpu.running",
     "bench": "nbgpu.running",
     "compare": "nbgpu.running",
+    "predict": "nbgpu.running",
     "BenchResult": "nbgpu.running",
     "monitor": "nbgpu.monitoring",
     "Monitor": "nbgpu.monitoring",
@@ -68,8 +69,8 @@ def load_ipython_extension(ipython):
 
 
 __all__ = ["BenchResult", "GPUTable", "Monitor", "Plan", "UsageError", "Visibility", "bench", "compare",
-           "cuda_driver_initialized", "format_size", "gpus", "load", "monitor", "parse_size", "plan", "simulate",
-           "topology", "use"]
+           "cuda_driver_initialized", "format_size", "gpus", "load", "monitor", "parse_size", "plan", "predict",
+           "simulate", "topology", "use"]
 
 
 def _register_views():

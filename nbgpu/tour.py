@@ -67,12 +67,14 @@ def _shut_down(km):
             km.shutdown_kernel(now=True)
 
 
-def execute(path=QUICKSTART, *, timeout: int = 600, simulate: str | None = None, read_figures: bool = False):
+def execute(path=QUICKSTART, *, timeout: int = 600, simulate: str | None = None, read_figures: bool = False,
+            then: tuple[str, ...] | list[str] = ()):
     """Execute a notebook top to bottom in a fresh python3 kernel of this environment, in the notebook's folder.
 
     `simulate` sets NBGPU_SIMULATE for the kernel (the course notebooks then use simulated GPUs even where real
-    ones exist). Returns the executed notebook; with `read_figures`, also {widget model id: figure JSON}.
-    Raises nbclient's CellExecutionError at the first cell that fails.
+    ones exist). `then`: code run afterwards in the same kernel, each as a cell appended to the returned notebook
+    (an error there is recorded in its outputs, not raised). Returns the executed notebook; with `read_figures`,
+    also {widget model id: figure JSON}. Raises nbclient's CellExecutionError at the first notebook cell that fails.
     """
     import nbformat
     from nbclient import NotebookClient
@@ -87,6 +89,10 @@ def execute(path=QUICKSTART, *, timeout: int = 600, simulate: str | None = None,
         with client.setup_kernel():
             for index, cell in enumerate(nb.cells):
                 client.execute_cell(cell, index)
+            for source in then:
+                extra = nbformat.v4.new_code_cell(source, metadata={"tags": ["raises-exception"]})
+                nb.cells.append(extra)
+                client.execute_cell(extra, len(nb.cells) - 1)
             client.set_widgets_metadata()
             if read_figures:
                 probe = nbformat.v4.new_code_cell(_READ_FIGURES)

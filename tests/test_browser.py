@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SIMULATE = "4x24GiB"
+SIMULATE = "4xL4"  # the course's default machine (nbgpu.devices.DEFAULT_SPEC)
 CHOSEN_GPUS = 2  # the quick start keeps the two least-loaded GPUs
 ARTIFACTS = ROOT / "artifacts"
 DOCS_IMAGES = ROOT / "docs" / "images"

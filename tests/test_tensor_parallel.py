@@ -167,7 +167,10 @@ def test_bench_runs_the_protocol_in_every_worker(llama_tp):
     result = nbgpu.bench(llama_tp, batch=2, prompt_len=6, new_tokens=5, repeats=3, warmup=1)
     assert result.generated_tokens == 2 * 5 and result.prompt_len == 6 and result.batch == 2
     assert len(result.ttft) == len(result.decode_seconds) == 3 and len(result.step_latencies) == 3 * 4
-    for run in range(3):  # each decode time is the sum of its own steps, from the same clock
+    cpu = result.cpu_times  # the workers' own clock, one run (simulated GPUs: the figures shown are modelled)
+    assert len(cpu["ttft"]) == len(cpu["decode_seconds"]) == 1 and len(cpu["step_latencies"]) == 4
+    assert sum(cpu["step_latencies"]) == pytest.approx(cpu["decode_seconds"][0])  # the same clock
+    for run in range(3):  # each decode time is the sum of its own steps
         assert sum(result.step_latencies[run * 4:(run + 1) * 4]) == pytest.approx(result.decode_seconds[run])
     assert 0 < result.latency_p50_s <= result.latency_p90_s
     lo, hi = result.decode_spread
@@ -183,8 +186,9 @@ def test_bench_runs_the_protocol_in_every_worker(llama_tp):
     assert [g.weights for g in bound.gpus] == [row.weights for row in llama_tp.nbgpu_load.gpus]
     slowest = max((g.weights + kv_per_gpu) / g.bandwidth for g in bound.gpus)
     assert bound.tokens_per_s == pytest.approx(2 / slowest) and bound.fraction is None  # simulated: no fraction
-    with pytest.raises(UsageError, match="compile=True needs"):
-        nbgpu.bench(llama_tp, compile=True, new_tokens=3, repeats=1)
+    assert result.modelled and "(modelled)" in result.label  # simulated GPUs: the timings are modelled
+    compiled = nbgpu.bench(llama_tp, compile=True, new_tokens=3, repeats=1)  # the workers run eager on the CPU
+    assert compiled.compiled and "compiled tensor parallel" in compiled.modelled
     with pytest.raises(UsageError, match="new_tokens"):
         nbgpu.bench(llama_tp, new_tokens=1)
 

@@ -317,9 +317,12 @@ def test_compare_draws_one_bar_per_run_and_figure(shell):
     assert drawn == pytest.approx(expected)
     assert "SIMULATED" in fig.layout.title.text
     html = shown(shell, table)["text/html"]
-    rows = {cells[0]: cells for _, cells in Table(html).rows if cells and cells[0] in ("fast", "slow")}
-    assert rows["fast"][6] == "96.00" and rows["slow"][6] == "24.00"  # decode_tok_s
-    assert rows["fast"][-1] == "True" and rows["fast"][-2] == "n/a"  # simulated; no roofline fraction on the CPU
+    header = Table(html).rows[0][1]
+    rows = {cells[0]: dict(zip(header, cells)) for _, cells in Table(html).rows if cells and cells[0] in ("fast", "slow")}
+    assert rows["fast"]["decode_tok_s"] == "96.00" and rows["slow"]["decode_tok_s"] == "24.00"
+    # simulated; no roofline fraction on the CPU
+    assert rows["fast"]["simulated"] == "True" and rows["fast"]["roofline_fraction"] == "n/a"
+    assert rows["fast"]["timing"] == "measured"
     real = compare([bench_result("gpu", simulated=False)])
     assert [cells[-2] for _, cells in Table(shown(shell, real)["text/html"]).rows][1] == "25.0%"
 

@@ -4,5 +4,6 @@ from .bench import BenchResult, bench
 from .compare import Comparison, compare
 from .load import LoadReport, load
 from .oom import NotEnoughMemory
+from .prediction import predict
 
-__all__ = ["BenchResult", "Comparison", "LoadReport", "NotEnoughMemory", "bench", "compare", "load"]
+__all__ = ["BenchResult", "Comparison", "LoadReport", "NotEnoughMemory", "bench", "compare", "load", "predict"]

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from .. import devices
 from ..errors import UsageError
 from ..units import format_size
-from . import arguments, oom, placement, protocol, roofline, split_compile, step_profile, tensor_parallel, timeline
+from . import (arguments, cost_model, oom, placement, protocol, roofline, split_compile, step_profile,
+               tensor_parallel, timeline)
 from .report import SIMULATED_NOTE
 
 
@@ -38,6 +39,9 @@ class BenchResult:
     roofline: roofline.Roofline | None = None
     timeline: timeline.Timeline | None = None
     notes: list[str] = field(default_factory=list)  # what a reader needs to read the figures right
+    modelled: str | None = None  # None: measured; else what the modelled timings rest on (simulated GPUs)
+    cpu_times: dict | None = None  # modelled runs: the CPU run's own ttft / decode_seconds / step_latencies (proof of
+    # the code path, never shown as a GPU's speed)
 
     # --- derived figures (medians across repeats) ---
     @property
@@ -80,7 +84,8 @@ class BenchResult:
         frac = self.roofline.fraction if self.roofline else None
         bound = self.roofline.tokens_per_s if self.roofline else None
         return {
-            "run": self.label, "devices": ",".join(map(str, self.devices)),
+            "run": self.label, "timing": "modelled" if self.modelled else "measured",
+            "devices": ",".join(map(str, self.devices)),
             "mode": "compiled" if self.compiled else "eager", "batch": self.batch,
             "prompt_len": self.prompt_len, "new_tokens": self.new_tokens, "repeats": self.repeats,
             "ttft_ms": self.ttft_s * 1e3, "prefill_tok_s": self.prefill_tokens_per_s,
@@ -94,9 +99,13 @@ class BenchResult:
     def __repr__(self) -> str:
         lo, hi = self.decode_spread
         sim = f" [{SIMULATED_NOTE}]" if self.simulated else ""
+        if self.modelled:
+            sim = f" [{SIMULATED_NOTE}; timings {cost_model.MODELLED}]" if self.simulated else \
+                f" [timings {cost_model.MODELLED}]"
         lines = [
             f"{self.label}{sim}: {'compiled' if self.compiled else 'eager'}, batch {self.batch}, prompt "
-            f"{self.prompt_len}, {self.new_tokens} new tokens, {self.repeats} runs after {self.warmup} warm-up",
+            f"{self.prompt_len}, {self.new_tokens} new tokens, {self.repeats} runs "
+            + ("modelled alike" if self.modelled else f"after {self.warmup} warm-up"),
             f"  time to first token {self.ttft_s * 1e3:.1f} ms, prefill {self.prefill_tokens_per_s:,.0f} tokens/s",
             f"  decode {self.decode_tokens_per_s:,.1f} tokens/s (runs {lo:,.1f} .. {hi:,.1f}), per-token latency "
             f"p50 {self.latency_p50_s * 1e3:.2f} ms, p90 {self.latency_p90_s * 1e3:.2f} ms",
@@ -108,6 +117,8 @@ class BenchResult:
             lines.append("  " + repr(self.roofline))
         if self.timeline is not None:
             lines.append("  " + repr(self.timeline))
+        if self.modelled:
+            lines.append(f"  timings: {self.modelled}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -128,16 +139,24 @@ def _bench_tensor_parallel(model, *, batch, prompt_len, new_tokens, repeats, war
     """The same protocol in every worker, rank 0's clock; with `explain`, on GPUs, where one decode step's time
     went on each GPU (matrix, communication, other, idle), from each worker's profile."""
     model.check_running()
-    if compile and model.simulated:
-        raise UsageError("compile=True needs the model on CUDA GPUs: transformers compiles generate only there "
-                         "(these workers run on the CPU for simulated GPUs); use compile=False")
-    if compile:
-        warmup = max(warmup, 2)  # the first run compiles, the next records CUDA graphs
     ids = _prompts(model.config.get_text_config().vocab_size, batch, prompt_len, tokenizer, prompt, seed)
-    tensor_parallel.simulated_busy(model, True)
+    # simulated GPUs: the workers run eager on the CPU and the timings are modelled for the simulated GPUs
+    modelled = cost_model.for_tensor_model(model, batch, ids.shape[1], new_tokens, compile) \
+        if model.simulated else None
+    if compile and model.simulated and modelled is None:
+        raise UsageError("compile=True needs the model on CUDA GPUs: transformers compiles generate only there "
+                         "(these workers run on the CPU for simulated GPUs, whose figures cannot be modelled); use "
+                         "compile=False")
+    run_compiled = compile and not model.simulated
+    if run_compiled:
+        warmup = max(warmup, 2)  # the first run compiles, the next records CUDA graphs
+    # modelled timings are the same on every run: the workers run generate once, to prove the path and the tokens
+    cpu_repeats, cpu_warmup = (1, 0) if modelled is not None else (repeats, warmup)
+    tensor_parallel.simulated_busy(model, True, modelled.busy if modelled is not None else None)
     try:
-        runs, peaks = model.measure(ids, new_tokens=new_tokens, repeats=repeats, warmup=warmup, compile=compile)
-        profile = model.profile_decode(ids, compile=compile) if explain and not model.simulated else None
+        runs, peaks = model.measure(ids, new_tokens=new_tokens, repeats=cpu_repeats, warmup=cpu_warmup,
+                                    compile=run_compiled)
+        profile = model.profile_decode(ids, compile=run_compiled) if explain and not model.simulated else None
     finally:
         tensor_parallel.simulated_busy(model, False)
     steps = None if profile is None else timeline.from_profile(
@@ -152,6 +171,8 @@ def _bench_tensor_parallel(model, *, batch, prompt_len, new_tokens, repeats, war
         ttft=[r.ttft for r in runs], decode_seconds=[r.decode for r in runs],
         step_latencies=[x for r in runs for x in r.steps], generated_tokens=batch * new_tokens, peak_memory=peaks,
         timeline=steps)
+    if modelled is not None:
+        result = cost_model.apply(result, modelled, explain=explain)
     if explain:
         result.roofline = roofline.estimate_tensor_parallel(model, batch, result.prompt_len, new_tokens,
                                                             result.decode_tokens_per_s)
@@ -185,6 +206,8 @@ class Sweep(list):
         rows = [f"  batch {r.batch:>4}: decode {r.decode_tokens_per_s:,.1f} tokens/s, per-token p50 "
                 f"{r.latency_p50_s * 1e3:.2f} ms" for r in self]
         sim = f" [{SIMULATED_NOTE}]" if any(r.simulated for r in self) else ""
+        if any(r.modelled for r in self):
+            sim = f" [{SIMULATED_NOTE}; timings {cost_model.MODELLED}]" if sim else f" [timings {cost_model.MODELLED}]"
         return "\n".join([f"{self.label}: batch sweep{sim}", *rows]) if self else "Sweep([])"
 
 
@@ -215,29 +238,38 @@ def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: 
     sim = devices.simulated()
     simulated = sim is not None or bool(getattr(getattr(model, "nbgpu_load", None), "simulated", False))
     gpus = placement.cuda_devices(model)
-    if compile and not gpus:
-        raise UsageError("compile=True needs the model on a CUDA GPU: transformers compiles generate only there "
-                         f"(this model runs on the CPU{', simulated GPUs' if simulated else ''}); use compile=False")
-    if compile:
-        warmup = max(warmup, 2)  # the first run compiles, the next records CUDA graphs
-    sync = placement.synchronizer(gpus)
     ids = _prompts(model.config.get_text_config().vocab_size, batch, prompt_len, tokenizer, prompt, seed)
     ids = ids.to(model.get_input_embeddings().weight.device)
     prompt_len = ids.shape[1]
-    gen = protocol.generation_config(model, new_tokens, compile)
+    # simulated GPUs: the CPU runs the model (eager) and the timings are modelled for the simulated GPUs
+    modelled = cost_model.for_model(model, batch, prompt_len, new_tokens, compile) if simulated else None
+    if compile and not gpus and modelled is None:
+        why = cost_model.why_not(model) if simulated else None
+        raise UsageError("compile=True needs the model on a CUDA GPU: transformers compiles generate only there "
+                         f"(this model runs on the CPU{', simulated GPUs' if simulated else ''}); use compile=False"
+                         + (f". {why}" if why else ""))
+    compile_here = compile and bool(gpus)
+    if compile_here:
+        warmup = max(warmup, 2)  # the first run compiles, the next records CUDA graphs
+    sync = placement.synchronizer(gpus)
+    gen = protocol.generation_config(model, new_tokens, compile_here)
     split = len(gpus) > 1
-    processors = [protocol.CudaGraphStep()] if compile and split else []
+    processors = [protocol.CudaGraphStep()] if compile_here and split else []
     used = gpus or ["cpu"]
 
-    def measure():
-        return protocol.measure(model, ids, gen, repeats=repeats, warmup=warmup, sync=sync, cuda_devices=gpus,
-                                processors=processors)
+    # modelled timings are the same on every run: the CPU runs generate once, to prove the path and the tokens
+    cpu_repeats, cpu_warmup = (1, 0) if modelled is not None else (repeats, warmup)
 
-    _simulate_load(model, sim, busy=True)
+    def measure():
+        return protocol.measure(model, ids, gen, repeats=cpu_repeats, warmup=cpu_warmup, sync=sync,
+                                cuda_devices=gpus, processors=processors)
+
+    _simulate_load(model, sim, busy=True, modelled=modelled)
     try:
-        with split_compile.light_transfers(model) if compile else nullcontext():
+        with split_compile.light_transfers(model) if compile_here else nullcontext():
             runs, peak = oom.guarded(measure, lambda s: _bench_oom(s, model, batch, prompt_len, new_tokens))
-            steps = _timeline(model, ids, gen, gpus, processors, simulated) if explain else None
+            explain_here = explain and modelled is None
+            steps = _timeline(model, ids, gen, gpus, processors, simulated) if explain_here else None
     finally:
         _simulate_load(model, sim, busy=False)
     result = BenchResult(
@@ -249,6 +281,10 @@ def bench(model, batch: int | list[int] = 1, prompt_len: int = 128, new_tokens: 
         timeline=steps,
         notes=[SPLIT_COMPILED] if compile and split else [],
     )
+    if modelled is not None:
+        result = cost_model.apply(result, modelled, explain=explain)
+    elif simulated and cost_model.why_not(model):
+        result.notes.append(f"CPU wall clock, not a GPU's speed: {cost_model.why_not(model)}")
     if explain and (gpus or simulated):
         result.roofline = roofline.estimate(model, batch, prompt_len, new_tokens, result.decode_tokens_per_s,
                                             simulated)
@@ -268,15 +304,17 @@ def _timeline(model, ids, gen, gpus, processors, simulated):
     return timeline.decode_step(model, ids, simulated) if on_gpus else None
 
 
-def _simulate_load(model, sim, busy: bool) -> None:
-    """While a simulated run goes, each simulated GPU shows its share of the weights as utilisation."""
+def _simulate_load(model, sim, busy: bool, modelled=None) -> None:
+    """While a simulated run goes, each simulated GPU shows as utilisation the share of a step it is modelled busy
+    (as nvidia-smi counts it: time a kernel ran), else its share of the weights."""
     report = getattr(model, "nbgpu_load", None)
     if sim is None or report is None:
         return
     total = sum(g.weights for g in report.gpus) or 1
+    share = modelled.busy if modelled is not None else {g.cuda_index: g.weights / total for g in report.gpus}
     for g in report.gpus:
         if g.gpu_index is not None:
-            sim.set_utilization(g.gpu_index, round(100 * g.weights / total) if busy else 0)
+            sim.set_utilization(g.gpu_index, round(100 * share.get(g.cuda_index, 0.0)) if busy else 0)
 
 
 def _bench_oom(shortage: oom.Shortage, model, batch, prompt_len, new_tokens):

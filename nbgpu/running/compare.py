@@ -8,7 +8,7 @@ from ..errors import UsageError
 from .bench import BenchResult
 from .report import SIMULATED_NOTE
 
-COLUMNS = ["run", "devices", "mode", "batch", "ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min",
+COLUMNS = ["run", "timing", "devices", "mode", "batch", "ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min",
            "decode_tok_s_max", "latency_p50_ms", "latency_p90_ms", "roofline_tok_s (estimate)", "roofline_fraction"]
 
 
@@ -40,6 +40,8 @@ class Comparison:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head, *body]]
         if self.simulated:
             lines.append(f"[{SIMULATED_NOTE}]")
+        if any(r.modelled for r in self.results):
+            lines.append("[runs marked (modelled): timings from nbgpu's cost model for the GPUs named, not measured]")
         return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import tempfile
 import time
 import warnings
 import weakref
+from contextlib import contextmanager
 
 from .. import checks, devices, visibility
 from ..errors import UsageError
@@ -144,11 +145,33 @@ def _simulated_placement(model, device_map, sim) -> dict:
         raise UsageError("no simulated GPU is visible: `%gpus --simulate 2x24GiB` or `%gpus 0,1` first")
     max_memory = {n: t.gpu.memory_free for n, t in enumerate(targets)}
     no_split = getattr(model, "_no_split_modules", None) or []
-    if device_map in ("balanced", "balanced_low_0", "auto", None) and len(targets) > 1:
-        max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
-                                         low_zero=device_map == "balanced_low_0")
-    found = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    with _quiet_about_simulated_devices():
+        if device_map in ("balanced", "balanced_low_0", "auto", None) and len(targets) > 1:
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        found = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     return {k: placement.normalise(v) for k, v in found.items()}
+
+
+class _SimulatedDeviceFilter:
+    """accelerate's get_max_memory warns that GPU N 'is not available' when torch sees no such GPU: true of
+    simulated GPUs by design, so that one message is dropped while accelerate places the model on them."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "is not available, available devices are" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_about_simulated_devices():
+    import logging
+
+    log = logging.getLogger("accelerate.utils.modeling")
+    log.addFilter(_SimulatedDeviceFilter)
+    try:
+        yield
+    finally:
+        log.removeFilter(_SimulatedDeviceFilter)
 
 
 def _report(model, plan, source, sim, simulated, seconds, before, torch, user_device_map) -> LoadReport:

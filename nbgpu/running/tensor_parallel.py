@@ -308,11 +308,13 @@ def _report(infos: list, gpu_list: list, plan, spec: dict, simulated: bool, work
 
 # --- bench ---------------------------------------------------------------------------------------------------
 
-def simulated_busy(model: TensorParallelModel, busy: bool) -> None:
-    """While a simulated run goes, every simulated GPU of a tensor-parallel model shows as busy (all work at once)."""
+def simulated_busy(model: TensorParallelModel, busy: bool, share: dict | None = None) -> None:
+    """While a simulated run goes, every simulated GPU of a tensor-parallel model shows as utilisation the share of
+    a step it is modelled busy (`share`, by rank), else 100% (all work at once)."""
     sim = devices.simulated()
     if sim is None or not model.simulated:
         return
     for row in model.nbgpu_load.gpus:
         if row.gpu_index is not None and row.gpu_index < len(sim):
-            sim.set_utilization(row.gpu_index, 100 if busy else 0)
+            percent = round(100 * share.get(row.cuda_index, 0.0)) if share is not None else 100
+            sim.set_utilization(row.gpu_index, percent if busy else 0)

@@ -27,6 +27,7 @@ class Timeline:
     simulated: bool
     note: str
     breakdown: dict = field(default_factory=dict)  # cuda index -> {matrix, communication, other, idle}: ms
+    modelled: bool = False  # True: placed by the cost model (simulated GPUs, predictions), not measured
 
     def busy(self) -> dict[int, float]:
         """Fraction of the step each GPU was working."""
@@ -37,6 +38,8 @@ class Timeline:
 
     def __repr__(self) -> str:
         sim = " [simulated — ran on CPU; blocks placed as on the simulated GPUs]" if self.simulated else ""
+        if self.modelled:
+            sim = " [modelled for the simulated GPUs, not measured]" if self.simulated else " [modelled, not measured]"
         busy = ", ".join(f"cuda:{k} {v:.0%}" for k, v in self.busy().items())
         parts = [f"one decode step: {self.step_ms:.2f} ms; busy {busy}{sim}"]
         for device, cats in self.breakdown.items():
