@@ -13,8 +13,18 @@ from dataclasses import dataclass, field
 from .. import devices
 from ..errors import UsageError
 from ..units import format_size
-from . import (arguments, cost_model, oom, placement, protocol, roofline, split_compile, step_profile,
-               tensor_parallel, timeline)
+from . import (
+    arguments,
+    cost_model,
+    oom,
+    placement,
+    protocol,
+    roofline,
+    split_compile,
+    step_profile,
+    tensor_parallel,
+    timeline,
+)
 from .report import SIMULATED_NOTE
 
 
