@@ -88,6 +88,11 @@ class Channel:
         return self.conn.recv_bytes()
 
 
+def _bar_on_stdout(factory, args, kwargs):
+    """transformers' tqdm hook: a progress bar written to stdout unless its caller chose a file."""
+    return factory(*args, **{"file": sys.stdout, **kwargs})
+
+
 class OutputForwarder:
     """Sends everything written to fds 1 and 2 (print, warnings, tqdm, C++ logs) to the kernel as ("out", ...)."""
 
@@ -222,8 +227,12 @@ class Worker:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
-        if self.rank == 0:
-            hf_logging.enable_progress_bar()  # the "Loading weights" bar, from rank 0 only
+        # the "Loading weights" bar, from rank 0 only, on stdout: in a notebook stderr reads as a warning (a
+        # transformers without tqdm hooks shows no bar)
+        set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+        if self.rank == 0 and set_hook is not None:
+            hf_logging.enable_progress_bar()
+            set_hook(_bar_on_stdout)
         else:
             hf_logging.disable_progress_bar()
         kwargs = dict(self.spec["from_pretrained"])
