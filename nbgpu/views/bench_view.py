@@ -123,14 +123,15 @@ def compare_figure(comparison):
     rows = comparison.rows()
     metrics = [("decode_tok_s", "decode tokens/s"), ("prefill_tok_s", "prefill tokens/s"),
                ("ttft_ms", "time to first token (ms)"), ("latency_p50_ms", "per-token latency p50 (ms)")]
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[t for _, t in metrics])
+    # two by two: four titles side by side overlap in a notebook's width
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in metrics], vertical_spacing=0.16)
     for i, row in enumerate(rows):
-        for col, (key, _) in enumerate(metrics, start=1):
+        for k, (key, _) in enumerate(metrics):
             fig.add_bar(x=[key.split("_")[0]], y=[row[key]], name=row["run"], legendgroup=row["run"],
-                        showlegend=col == 1, marker_color=_COLORS[i % len(_COLORS)], row=1, col=col,
+                        showlegend=k == 0, marker_color=_COLORS[i % len(_COLORS)], row=k // 2 + 1, col=k % 2 + 1,
                         hovertemplate=f"{escape(row['run'])}: %{{y:,.2f}}<extra></extra>")
     title = "nbgpu.compare" + presentation.title_suffix(comparison.simulated, "includes runs on the CPU")
-    fig.update_layout(barmode="group", title=title, height=380, margin=dict(t=80, b=40))
+    fig.update_layout(barmode="group", title=title, height=560, margin=dict(t=80, b=40))
     fig.update_xaxes(showticklabels=False)
     return fig
 
