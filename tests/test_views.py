@@ -7,6 +7,7 @@ worked out by hand (KV bytes from the model's shape, fixed samples, fixed benchm
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from html import unescape
 from html.parser import HTMLParser
@@ -315,7 +316,10 @@ def test_compare_draws_one_bar_per_run_and_figure(shell):
                 ("slow", "prefill"): 80.0, ("fast", "ttft"): 250.0, ("slow", "ttft"): 250.0,
                 ("fast", "latency"): 1000 * 1.5 / 64, ("slow", "latency"): 1000 * 1.5 / 16}
     assert drawn == pytest.approx(expected)
-    assert "SIMULATED" in fig.layout.title.text
+    assert fig.layout.title.text == "nbgpu.compare — SIMULATED (includes runs on the CPU)"
+    modelled = compare([dataclasses.replace(fast, modelled="the cost model")])  # simulated GPUs: modelled timings
+    assert "timings modelled for the simulated GPUs" in bench_view.compare_figure(modelled).layout.title.text
+    assert "timings modelled for the simulated GPUs" in shown(shell, modelled)["text/html"]
     html = shown(shell, table)["text/html"]
     header, *body = [cells for _, cells in Table(html).rows]
     rows = {cells[0]: dict(zip(header, cells)) for cells in body if cells and cells[0] in ("fast", "slow")}

@@ -130,10 +130,17 @@ def compare_figure(comparison):
             fig.add_bar(x=[key.split("_")[0]], y=[row[key]], name=row["run"], legendgroup=row["run"],
                         showlegend=k == 0, marker_color=_COLORS[i % len(_COLORS)], row=k // 2 + 1, col=k % 2 + 1,
                         hovertemplate=f"{escape(row['run'])}: %{{y:,.2f}}<extra></extra>")
-    title = "nbgpu.compare" + presentation.title_suffix(comparison.simulated, "includes runs on the CPU")
+    title = "nbgpu.compare" + presentation.title_suffix(comparison.simulated, _compare_caption(rows))
     fig.update_layout(barmode="group", title=title, height=560, margin=dict(t=80, b=40))
     fig.update_xaxes(showticklabels=False)
     return fig
+
+
+def _compare_caption(rows) -> str:
+    """What a comparison with simulated runs shows: modelled timings, or the CPU's own clock."""
+    if any(r["timing"] == "modelled" for r in rows):
+        return "the models ran on the CPU; timings modelled for the simulated GPUs"
+    return "includes runs on the CPU"
 
 
 def compare_html(comparison) -> str:
@@ -148,7 +155,7 @@ def compare_html(comparison) -> str:
 
     columns = [*COLUMNS, "simulated"]
     rows = [[cell(c, r[c]) for c in columns] for r in comparison.rows()]
-    sim = presentation.badge(comparison.simulated, "some runs ran on the CPU")
+    sim = presentation.badge(comparison.simulated, _compare_caption(comparison.rows()))
     return f"<div>{sim}{presentation.table(columns, rows)}</div>"
 
 
