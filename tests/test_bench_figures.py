@@ -241,3 +241,47 @@ def test_roofline_of_a_simulated_split_from_the_models_shape(tmp_path):
     step = sum(weights[g] + kv[g] for g in (0, 1)) / a100
     assert bound.step_seconds == pytest.approx(step) and bound.tokens_per_s == pytest.approx(1 / step)
     assert bound.fraction is None  # the run is on the CPU
+
+
+def test_a_kernel_that_ends_as_the_closing_marker_starts_is_inside_the_step():
+    from nbgpu.running import step_profile
+
+    m = step_profile.MARKER
+    # the step runs from 1 us (end of the first marker) to 100 us (start of the last); the gemm fills 10-100 us
+    kernels = [(0, 0, 1, m), (0, 10, 100, "ampere_bf16_gemm"), (0, 100, 101, m)]
+    profile = step_profile.from_kernels(kernels, [0])
+    assert profile.step_us == {0: 99} and profile.busy_us(0) == 90
+    steps = timeline.from_profile(profile, "test", merge_gap_us=2.0)
+    # 90 of 99 us busy is 91%: 0.09 ms of matrix work, none of any other kind, 0.009 ms idle
+    assert repr(steps) == ("one decode step: 0.10 ms; busy cuda:0 91%; cuda:0 matrix 0.09 ms, communication 0.00 ms, "
+                           "other 0.00 ms, idle 0.01 ms")
+
+
+def real_run(label="m batch 2", batch=2):
+    from nbgpu.units import GiB
+
+    bound = Roofline((GPUBound(0, "NVIDIA L4", 3 * 10**9, 0, 3e11),), batch=batch, context=12,
+                     measured_tokens_per_s=50.0, simulated=False)
+    return BenchResult(label=label, batch=batch, prompt_len=10, new_tokens=5, repeats=2, warmup=1, compiled=False,
+                       simulated=False, devices=[0], ttft=[0.125, 0.375], decode_seconds=[4 / 64, 8 / 64],
+                       step_latencies=[1 / 64] * 4 + [1 / 32] * 4, generated_tokens=10,
+                       peak_memory={0: GiB, 1: 512 * 1024**2}, roofline=bound)
+
+
+def test_the_summary_row_carries_the_roofline_and_the_peak_memory_per_device():
+    row = real_run().summary()
+    # 2 sequences, 3 GB read at 300 GB/s a step: 10 ms, so at most 200 tokens/s; 50 measured is a quarter of it
+    assert row["roofline_tok_s (estimate)"] == pytest.approx(200.0) and row["roofline_fraction"] == pytest.approx(0.25)
+    assert row["peak_memory"] == {"cuda:0": 1024**3, "cuda:1": 512 * 1024**2}
+
+
+def test_a_batch_sweep_reads_as_one_row_per_batch():
+    from nbgpu.running.bench import Sweep
+
+    sweep = Sweep([real_run("m batch 1", 1), real_run("m batch 8", 8)])
+    # decode: runs of batch x 4 tokens in 1/16 s and 1/8 s -> batch x 64 and batch x 32, median batch x 48 tokens/s;
+    # per-token p50 of 4 x 15.625 ms and 4 x 31.25 ms = 23.44 ms
+    assert repr(sweep).splitlines() == ["m: batch sweep",
+                                        "  batch    1: decode 48.0 tokens/s, per-token p50 23.44 ms",
+                                        "  batch    8: decode 384.0 tokens/s, per-token p50 23.44 ms"]
+    assert repr(Sweep([])) == "Sweep([])"

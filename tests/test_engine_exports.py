@@ -489,3 +489,14 @@ def test_ktransformers_deepseek_v3_gate_and_moe_operators():
     assert injected["model.layers.3.mlp.gate"]["class"].endswith("KMoEGate")
     assert injected["model.layers.3.mlp.gate"]["kwargs"]["generate_device"] == "cuda:1"
     assert injected["model"]["kwargs"]["transfer_map"] == {2: "cuda:1"}
+
+
+def test_ktransformers_routed_experts_keep_their_own_weights_on_the_cpu():
+    """KTransformersExperts loads its experts' weights itself (generate on the CPU): the rule must stop the walk
+    (`recursive: False`), or the per-expert Linear layers below it would be replaced and placed on the GPU."""
+    p = make_plan("deepseek_v2", 2)
+    injected = kt_check(p)
+    experts = [name for name, v in injected.items() if v["class"].endswith("KTransformersExperts")]
+    assert experts and all(n.startswith("model.layers.") and n.endswith(".mlp.experts") for n in experts)
+    below = [name for name in injected for e in experts if name.startswith(e + ".")]
+    assert below == []

@@ -420,3 +420,91 @@ def test_arguments_of_the_wrong_kind_are_usage_errors(sim, kwargs):
     with pytest.raises(UsageError):
         monitor(**kwargs)
     assert pollers() == 0
+
+
+def test_the_text_lines_of_a_sample_show_every_reading_and_n_a_where_nvml_could_not_say(fake_nvml):
+    from nbgpu.monitoring import Sampler, sample_lines
+
+    gpus = [fake_pynvml.FakeGPU(uuid=fake_pynvml.uuid(i), bus_id=f"00000000:{7 + i:02X}:00.0", util=40 + i,
+                                temperature=50 + i, used=2 * GiB, power_mw=95_400 + i * 1000) for i in range(2)]
+    gpus[0].compute[:] = [(os.getpid(), GiB), (1, 256 * 1024**2)]
+    fake_nvml(gpus, fail={(1, "nvmlDeviceGetUtilizationRates"): fake_pynvml.NVMLError_NotSupported,
+                          (1, "nvmlDeviceGetName"): fake_pynvml.NVMLError_NotSupported})
+    sample = Sampler().poll()
+    clock = time.strftime("%H:%M:%S", time.localtime(sample.time))
+    # GPU 0: 2 GiB used of 80, 1 GiB of it this kernel's (pid os.getpid()), 256 MiB pid 1's; 95.4 W shows as 95 W
+    gpu0 = ("GPU 0 cuda:0 NVIDIA A100-SXM4-80GB: memory 2.0 / 80.0 GiB (this kernel 1.0, other 1.0, free 78.0), "
+            "util 40%")
+    gpu1 = "GPU 1 cuda:1 n/a: memory 2.0 / 80.0 GiB (this kernel 0.0, other 2.0, free 78.0), util n/a"
+    procs = ["    pid 1 proc1 256 MiB", f"    pid {os.getpid()} (this kernel) proc{os.getpid()} 1024 MiB"]
+    assert sample_lines(sample, ("memory", "utilization")) == [clock, gpu0, *procs, gpu1]
+    assert sample_lines(sample, ("memory", "utilization", "power", "temperature")) == [
+        clock, gpu0 + ", temp 50C, power 95 W", *procs, gpu1 + ", temp 51C, power 96 W"]
+
+
+def test_the_text_lines_of_simulated_gpus_say_so_on_every_line(sim):
+    from nbgpu.monitoring import Sampler, sample_lines
+
+    sample = Sampler().poll()
+    clock = time.strftime("%H:%M:%S", time.localtime(sample.time))
+    empty = "memory 0.0 / 24.0 GiB (this kernel 0.0, other 0.0, free 24.0), util 0%"
+    assert sample_lines(sample, ()) == [f"{clock} (simulated GPUs, not real hardware)",
+                                        f"GPU 0 cuda:0 Simulated GPU 24 GiB (simulated): {empty}",
+                                        f"GPU 1 cuda:1 Simulated GPU 24 GiB (simulated): {empty}"]
+
+
+def test_the_parent_of_a_process_whose_name_holds_a_parenthesis_is_read(tmp_path):
+    from nbgpu.monitoring import _descends_from, _parent_pid
+
+    odd = tmp_path / "a) b"  # /proc/<pid>/stat shows the name in parentheses: "123 (a) b) S <ppid> ..."
+    odd.symlink_to("/bin/sleep")
+    child = subprocess.Popen([str(odd), "30"])
+    try:
+        assert wait_for(lambda: open(f"/proc/{child.pid}/stat").read().split(" (", 1)[1].startswith("a) b)"))
+        assert _parent_pid(child.pid) == os.getpid()
+        assert _descends_from(child.pid, os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_the_widget_puts_utilisation_on_a_percent_axis_and_its_legends_under_the_plots(sim):
+    m = monitor(interval=0.05, temperature=True)
+    view = view_of(m)
+    m.stop()
+    view.draw(m.latest, force=True)
+    layout = view.series.layout
+    # rows: memory (GiB, free scale), utilisation (0-100 %, a fixed scale with headroom), temperature (free scale)
+    assert [a.text for a in layout.annotations] == ["memory used (GiB)", "utilisation (%)", "temperature (°C)"]
+    assert layout.yaxis.range is None and tuple(layout.yaxis2.range) == (0, 105) and layout.yaxis3.range is None
+    assert layout.title.text == "Over time · SIMULATED GPUs (not real hardware)"
+    # horizontal legends below the plots, where they cover no subplot title
+    assert (layout.legend.orientation, layout.legend.yanchor) == ("h", "top") and layout.legend.y < 0
+    assert view.bars.layout.legend.orientation == "h" and view.bars.layout.legend.y < 0
+    header = unescape_tags(view.header.value)
+    assert header.startswith("SIMULATED") and f"nbgpu monitor · stopped · every 0.05 s · {len(m.samples)} samples" \
+        in header and "None" not in header and "error" not in header
+
+
+def test_the_widget_redraws_at_most_every_min_redraw_seconds_unless_forced(sim, monkeypatch):
+    from nbgpu.monitoring import Sampler
+    from nbgpu.views import monitor_view
+
+    monkeypatch.setattr(monitor_view, "MIN_REDRAW", 3600.0)  # no unforced redraw within this test
+    m = monitor(interval=0.05)
+    view = view_of(m)
+    m.stop()
+    view.draw(m.latest, force=True)
+    sim.allocate(1, 4 * GiB)
+    later = Sampler().poll()
+    view.draw(later)  # what the poller does: too soon after the last drawing, skipped
+    assert view.bars.data[0].x[1] == 0
+    view.draw(later, force=True)
+    assert view.bars.data[0].x[1] == pytest.approx((4 * GiB + CONTEXT_BYTES) / GiB)
+
+
+def unescape_tags(html: str) -> str:
+    import re
+    from html import unescape
+
+    return unescape(re.sub(r"<[^>]+>", "", html))

@@ -337,3 +337,55 @@ def test_auto_without_topology_keeps_the_old_choice(fake_nvml):
     assert not nbgpu.topology().available
     vis = nbgpu.use(auto=2)
     assert [t.gpu.index for t in vis.targets] == [1, 2] and vis.links is None
+
+
+def test_bridges_pair_up_within_their_group_wherever_it_starts():
+    nbgpu.simulate("L4,3xRTX3090:nvlink")  # the bridged cards are GPUs 1, 2 and 3: 1-2 share a bridge, 3 has none
+    topo = nbgpu.topology()
+    assert cells(topo) == [["X", "SYS", "SYS", "SYS"], ["SYS", "X", "NV4", "PHB"], ["SYS", "NV4", "X", "PHB"],
+                           ["SYS", "PHB", "PHB", "X"]]
+    assert [g.nvlinks for g in topo.gpus] == [0, 4, 4, 0]
+
+
+def test_a_pcie_link_is_as_fast_as_its_slower_end_and_the_worst_link_of_a_set_is_found(fake_nvml):
+    pcie_l4(fake_nvml)
+    topo = nbgpu.topology()
+    # GPU 1 sits in a Gen4 x16 slot, GPU 3 in a Gen3 x8 one: the link between them is the Gen3 x8 end's
+    line = next(x for x in topo.link_lines() if x.startswith("GPU1-GPU3"))
+    assert line.split()[:4] == ["GPU1-GPU3", "PHB", "PCIe", "Gen3"] and " x8 " in line
+    assert [g.name for g in topo.gpus] == ["NVIDIA L4"] * 5
+    assert [g.compute_capability for g in topo.gpus] == [(8, 9)] * 5
+    # among GPUs 0, 1 and 3 the links are PIX (0-1) and PHB (0-3, 1-3): the worst is the first PHB one
+    worst = topo.worst([3, 1, 0])
+    assert worst.gpus == (0, 3) and worst.label == "PHB"
+    assert topo.worst([2]) is None
+
+
+def test_each_failed_nvml_field_is_named_with_its_gpus(fake_nvml):
+    bridged_h100_pcie(fake_nvml, fail={(1, "nvmlDeviceGetName"): NVMLError_NotSupported,
+                                       (2, "nvmlDeviceGetPciInfo"): NVMLError_NoPermission,
+                                       (0, "nvmlDeviceGetTopologyCommonAncestor"): NVMLError_NoPermission},
+                      p2p={(0, 1): 9})  # a P2P status this version of nbgpu does not know
+    topo = nbgpu.topology()
+    errors = topo.error_lines()
+    assert "GPU 1 name: Not Supported" in errors and "GPU 2 pci_bus_id: Insufficient Permissions" in errors
+    assert "GPU 0-3 path: Insufficient Permissions" in errors and "GPU 0-2 path: Insufficient Permissions" in errors
+    assert topo.link(0, 1).p2p_read == "status 9" and "P2P status 9" in repr(topo)
+    inventory = devices.read()
+    assert "pci_bus_id" in inventory[2].errors and inventory[2].pci_bus_id is None
+    assert inventory[1].pci_bus_id == bus(1)
+
+
+def test_nvlink_generation_comes_from_the_link_version_or_else_the_compute_capability(fake_nvml):
+    bridged_h100_pcie(fake_nvml, fail={(None, "nvmlDeviceGetCudaComputeCapability"): NVMLError_NotSupported})
+    topo = nbgpu.topology()  # NVML_NVLINK_VERSION_4_0 on every link
+    assert topo.gpus[0].compute_capability is None and topo.link(0, 1).nvlink_generation == 4
+    bridged_h100_pcie(fake_nvml, fail={(None, "nvmlDeviceGetNvLinkVersion"): NVMLError_NotSupported})
+    topo = nbgpu.topology()  # compute capability 9.0: Hopper, NVLink 4
+    assert topo.gpus[0].compute_capability == (9, 0) and topo.link(0, 1).nvlink_generation == 4
+
+
+def test_a_gpu_whose_nvlinks_nvml_cannot_read_leaves_its_switched_links_unknown(fake_nvml):
+    hgx_h100(fake_nvml, fail={(5, "nvmlDeviceGetNvLinkState"): NVMLError_NoPermission})
+    topo = nbgpu.topology()
+    assert topo.link(0, 5).nvlinks is None and topo.link(0, 1).nvlinks == 18

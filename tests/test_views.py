@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from html import unescape
 from html.parser import HTMLParser
 
@@ -412,3 +413,54 @@ def test_the_topology_of_real_gpus_has_no_simulated_badge(shell, fake_nvml):
     fake_nvml([FakeGPU(uuid(i), bus_id=f"00000000:{7 + i:02X}:00.0") for i in range(2)], ancestors={(0, 1): 30})
     html = shown(shell, nbgpu.topology())["text/html"]
     assert "SIMULATED" not in html and ">PHB</td>" in html
+
+
+def html_text(html: str) -> str:
+    """The text a reader sees: the HTML without its tags."""
+    return re.sub(r"<[^>]+>", "", html)
+
+
+def test_load_html_shows_every_column_by_hand_and_the_offload_and_warnings(shell):
+    html = shown(shell, load_report(simulated=False))["text/html"]
+    rows = [cells for _, cells in Table(html).rows]
+    assert rows[0] == ["GPU", "planned weights", "loaded tensors", "allocated (torch)", "vs plan", "reserved (torch)",
+                       "peak reserved", "NVML this process", "NVML GPU used", "planned total"]
+    # cuda:0: 11 GiB allocated for 10 GiB planned is +10.0%; NVML saw 13 GiB for this process
+    assert rows[1] == ["cuda:0 = GPU 2 NVIDIA L4", "10.0 GiB", "10.0 GiB", "11.0 GiB", "+10.0%", "12.0 GiB",
+                       "12.0 GiB", "13.0 GiB", "13.0 GiB", "14.0 GiB"]
+    assert rows[2] == ["cuda:1 = GPU 3 NVIDIA L4", "5.0 GiB", "5.0 GiB", "4.9 GiB", "-2.0%", "6.0 GiB",
+                       "6.0 GiB", "7.0 GiB", "7.0 GiB", "8.0 GiB"]
+    assert "offloaded" not in html and "warning" not in html and "None" not in html
+    report = dataclasses.replace(load_report(simulated=False), cpu_weights=3 * GiB, disk_weights=GiB,
+                                 warnings=["w<1>", "second"])
+    text = unescape(html_text(shown(shell, report)["text/html"]))
+    assert "offloaded to: 3.0 GiB CPU, 1.0 GiB disk" in text
+    assert text.endswith("offloaded to: 3.0 GiB CPU, 1.0 GiB disk" "warning: w<1>" "warning: second")
+    cpu_only = dataclasses.replace(report, gpus=[], warnings=[])
+    text = unescape(html_text(shown(shell, cpu_only)["text/html"]))
+    assert text.endswith("on the CPU (no GPU): 3.0 GiB CPU, 1.0 GiB disk") and "None" not in text
+
+
+def test_load_report_text_names_each_gpu_and_where_the_rest_went():
+    report = dataclasses.replace(load_report(simulated=False), cpu_weights=3 * GiB, disk_weights=GiB,
+                                 warnings=["check the plan"])
+    report.gpus[1] = dataclasses.replace(report.gpus[1], gpu_name=None)
+    assert repr(report).splitlines() == [
+        "nbgpu.load('/models/llama') in 2.5 s, bfloat16",
+        "  cuda:0 NVIDIA L4: planned weights 10.0 GiB, tensors 10.0 GiB, allocated 11.0 GiB (+10.0% vs plan), "
+        "NVML this process 13.0 GiB",
+        "  cuda:1 n/a: planned weights 5.0 GiB, tensors 5.0 GiB, allocated 4.9 GiB (-2.0% vs plan), "
+        "NVML this process 7.0 GiB",
+        "  offloaded: 3.0 GiB on CPU, 1.0 GiB on disk",
+        "  warning: check the plan"]
+
+
+def test_bench_and_compare_figures_name_their_plots_and_each_run_once_in_the_legend(shell):
+    fig = bench_view.bench_figure(bench_result())
+    assert [a.text for a in fig.layout.annotations] == ["per-token latency (ms)", "decode tokens/s"]
+    table = compare([bench_result("fast", step=1 / 64), bench_result("slow", step=1 / 16)])
+    legend = [t.name for t in bench_view.compare_figure(table).data if t.showlegend is not False]
+    assert legend == ["fast", "slow"]  # four plots, one legend entry per run
+    assert "SIMULATED" in html_text(shown(shell, table)["text/html"])
+    real = compare([bench_result("gpu", simulated=False)])
+    assert "SIMULATED" not in html_text(shown(shell, real)["text/html"])

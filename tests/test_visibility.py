@@ -1,6 +1,7 @@
 import ctypes
 import os
 
+import fake_pynvml
 import pytest
 from conftest import shown_html
 from fake_pynvml import FakeGPU, GiB, uuid
@@ -77,7 +78,7 @@ def test_bad_selection_is_refused_and_environment_untouched(four_gpus, selection
 
 def test_auto_picks_most_free_memory_then_least_utilised(four_gpus):
     assert [t.gpu.index for t in visibility.auto_select(visibility.devices.read(), 2)] == [1, 3]
-    nbgpu.use(auto=1, max_util=10)
+    nbgpu.use(auto=1, max_util=20)
     assert env()[0] == "1"
     nbgpu.use(auto=2, min_free="30GiB", max_util=10)
     assert env()[0] == "1,2"
@@ -178,3 +179,30 @@ def test_simulated_choice_does_not_touch_the_real_environment():
     with pytest.raises(UsageError):
         nbgpu.use("4")
     assert [t.gpu.index for t in visibility.current().targets] == [2, 3]
+
+
+def test_all_shows_every_gpu_and_an_explicit_choice_reads_no_topology(four_gpus):
+    vis = nbgpu.use("all")
+    assert env() == ("0,1,2,3", "PCI_BUS_ID")
+    assert [line.split(" (")[0] for line in vis.lines()] == [f"cuda:{i} -> GPU {i} NVIDIA A100-SXM4-80GB"
+                                                            for i in range(4)]
+    nbgpu.use("1,2")
+    nbgpu.use(auto=1)
+    assert not [c for c in four_gpus.calls if "Topology" in c or "NvLink" in c or "P2P" in c]
+
+
+def test_auto_refusals_say_why_each_gpu_was_left_out_and_which_limits_applied(fake_nvml):
+    fake_nvml([FakeGPU(uuid(0), mig=1), FakeGPU(uuid(1), util=50, bus_id="00000000:08:00.0"),
+               FakeGPU(uuid(2), bus_id="00000000:09:00.0")],
+              fail={(2, "nvmlDeviceGetMemoryInfo"): fake_pynvml.NVMLError_NotSupported})
+    with pytest.raises(UsageError) as refused:
+        nbgpu.use(auto=1, max_util=20)
+    message = str(refused.value)
+    assert message.startswith("asked for 1 GPU(s) with at most 20.0% utilisation, but only 0 qualify (GPU 0: MIG "
+                              "mode on (choose a MIG device by UUID); GPU 1: utilisation 50%; GPU 2: free memory n/a)")
+    assert "free (" not in message.split("qualify")[0]  # no memory limit was given
+    with pytest.raises(UsageError, match=r"with no limits, but only 1 qualify"):
+        nbgpu.use(auto=3)
+    with pytest.raises(UsageError, match=r"give either GPUs to use \(e.g. '2,3', 'none'\) or auto=N"):
+        nbgpu.use("1", auto=1)
+    assert env() == (None, None)
