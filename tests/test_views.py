@@ -464,3 +464,32 @@ def test_bench_and_compare_figures_name_their_plots_and_each_run_once_in_the_leg
     assert "SIMULATED" in html_text(shown(shell, table)["text/html"])
     real = compare([bench_result("gpu", simulated=False)])
     assert "SIMULATED" not in html_text(shown(shell, real)["text/html"])
+
+
+def test_widgets_are_used_in_a_kernel_and_html_in_a_terminal(monkeypatch):
+    from types import SimpleNamespace
+
+    from IPython.core.formatters import DisplayFormatter
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from nbgpu.views import registry
+
+    terminal = InteractiveShell.instance()
+    monkeypatch.delattr(terminal, "kernel", raising=False)
+    assert not plan_view.widgets_available()
+    monkeypatch.setattr(terminal, "kernel", object(), raising=False)  # what ipykernel's shell carries
+    assert plan_view.widgets_available()
+    nbgpu.simulate("1x24GiB")
+    m = nbgpu.monitor(interval=0.05)
+    m.stop()
+    for kernel, widget in ((None, False), (object(), True)):
+        ipython = SimpleNamespace(kernel=kernel, display_formatter=DisplayFormatter())
+        registry.register(ipython)
+        html = ipython.display_formatter.formatters["text/html"]
+        assert "SIMULATED" in html(m)
+        try:
+            ipython.display_formatter.ipython_display_formatter.lookup(m)
+            found = True
+        except KeyError:
+            found = False
+        assert found == widget
