@@ -47,15 +47,18 @@ class MonitorView:
         self.stop_button = W.Button(description="Stop", tooltip="stop polling (the history is kept)",
                                     layout=W.Layout(width="80px"))
         self.stop_button.on_click(lambda _: self.monitor.stop())
-        self.bars = go.FigureWidget()
-        self.series = go.FigureWidget()
+        self.bars = go.Figure()
+        self.series = go.Figure()
         self.processes = W.HTML()
+        # the first sample is drawn before the figures become widgets, so it travels in the widgets' own state: a
+        # front end that renders them late still shows it (the changes sent before its view exists can be missed)
+        if (sample := monitor.latest) is not None:
+            self.draw(sample, force=True)
+        self.bars, self.series = go.FigureWidget(self.bars), go.FigureWidget(self.series)
         self.widget = W.VBox([W.HBox([self.header, self.stop_button]), self.bars, self.series, self.processes])
         self.widget.observe(self._on_comm, names="comm")
         self._watch_frontend_close()
         monitor.subscribe(self)
-        if (sample := monitor.latest) is not None:
-            self.draw(sample, force=True)
         self._draw_header()
 
     # --- the monitor's calls ---------------------------------------------------------------------------
