@@ -115,6 +115,10 @@ def test_editor_moves_layers_and_redraws():
     p = nbgpu.plan(tiny_llama(), gpus="2x24GiB")
     e = PlanEditor(p)
     assert e.boundaries() == [2]
+    # the first drawing is in the figure widgets' own synced state, which a front end rendering them late reads
+    shown = {t["name"]: t for t in e.bars.get_state()["_widget_data"]}
+    assert shown["weights"]["y"][0] * 1024**3 == pytest.approx(p.devices[0].weights)
+    assert len(e.placement.get_state()["_widget_data"]) == len(e.placement.data) > 0
     e.handles[0].value = 3
     assert p.layer_counts() == [3, 1] and p.device_map["model.layers.2"] == 0
     bar_weights = next(t for t in e.bars.data if t.name == "weights").y

@@ -143,8 +143,10 @@ class PlanEditor:
         import plotly.graph_objects as go
 
         self.plan = plan
-        self.placement = placement_figure(plan, go.FigureWidget())
-        self.bars = bars_figure(plan, go.FigureWidget())
+        # drawn first, then made widgets: the figures travel in the widgets' own state, which a front end that
+        # renders them late still reads (changes sent before its view exists can be missed)
+        self.placement = go.FigureWidget(placement_figure(plan))
+        self.bars = go.FigureWidget(bars_figure(plan))
         self.status = w.HTML(status_html(plan))
         self.message = w.HTML("")
         total = sum(plan.layer_counts())
