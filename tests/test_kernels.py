@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
@@ -113,6 +114,10 @@ def test_a_failing_server_is_not_asked_on_every_call(tmp_path, recorder):
 def test_a_process_that_is_no_kernel_keeps_its_command_line_with_secrets_masked():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--token=abc123", "x"])
     try:
+        # the child has a command line of its own once it has exec'd python (a fork in between has the parent's)
+        deadline = time.monotonic() + 30
+        while "time.sleep(60)" not in " ".join(psutil.Process(proc.pid).cmdline()) and time.monotonic() < deadline:
+            time.sleep(0.05)
         owner = kernels.owners([proc.pid])[proc.pid]
         assert owner.kernel is None and not owner.child
         assert "time.sleep(60)" in owner.command and "--token=***" in owner.command and "abc123" not in owner.command
