@@ -4,19 +4,13 @@ import gc
 
 import pytest
 import torch
-import transformers
+from gpu_models import saved_llama  # tests/ is on the path (conftest)
 
 import nbgpu
 from nbgpu.running import NotEnoughMemory
 
 pytestmark = pytest.mark.gpu
 
-SHAPES = {
-    "1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=32000),
-    "8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,26 +19,16 @@ def needs_cuda():
         pytest.skip("needs a CUDA GPU")
 
 
-def _saved(shape, tmp_path_factory):
-    path = tmp_path_factory.mktemp(f"llama-{shape}")
-    cfg = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, dtype="bfloat16")
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def llama_1b(tmp_path_factory):
-    return _saved("1B", tmp_path_factory)
+    return saved_llama("1B", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def llama_8b(tmp_path_factory):
-    return _saved("8B", tmp_path_factory)
+    return saved_llama("8B", tmp_path_factory)
 
 
 def _check_memory(model, plan):

@@ -11,6 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from gpu_models import saved_llama  # noqa: E402 - tests/ is on the path (conftest)
+
 import nbgpu  # noqa: E402
 from nbgpu.errors import UsageError  # noqa: E402
 
@@ -25,17 +27,7 @@ def needs_cuda():
 
 @pytest.fixture(scope="module")
 def llama_1b(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama-1b")
-    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
-                                   max_position_embeddings=2048)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return str(path)
+    return saved_llama("1B", tmp_path_factory, positions=2048)
 
 
 def test_a_plan_read_back_from_its_file_loads_the_same_model(llama_1b, tmp_path):
