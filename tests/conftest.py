@@ -59,6 +59,24 @@ else:
         os.environ.setdefault("NBGPU_HYPOTHESIS_SCALE", "10")
 
 
+@pytest.fixture
+def opened_state(monkeypatch):
+    """The state each widget's comm opened with, by model id: what a front end that creates its view before any later
+    change message is applied starts from."""
+    from ipywidgets.widgets import widget
+
+    opened = {}
+    create_comm = widget.comm.create_comm
+
+    def recording(**kwargs):
+        comm = create_comm(**kwargs)
+        opened[comm.comm_id] = kwargs["data"]["state"]
+        return comm
+
+    monkeypatch.setattr(widget.comm, "create_comm", recording)
+    return opened
+
+
 def shown_formats(obj) -> dict:
     """Every format IPython's formatter gives `obj` once the extension is loaded (outside a kernel: the text/html
     the views layer registers, and the repr)."""

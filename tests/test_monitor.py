@@ -306,20 +306,20 @@ def test_widget_draws_the_samples(sim):
     assert not m.errors
 
 
-def test_a_front_end_that_renders_the_widget_late_still_gets_the_first_sample(sim):
-    """Changes sent before a front end's view exists can be missed: the first sample must be in the figure widgets'
-    own synced state (what a late view reads), not only in the change messages that followed it."""
+def test_a_front_end_that_renders_the_widget_late_still_gets_the_first_sample(sim, opened_state):
+    """A view created before a later change message is applied draws the state the comm opened with: the first
+    sample must be in it, not only in the messages that followed."""
     sim.allocate(0, 2 * GiB)
     m = monitor(interval=60)  # one sample, taken as it starts
     view = view_of(m)
     m.stop()
-    bars = view.bars.get_state()["_widget_data"]
+    bars = opened_state[view.bars.model_id]["_widget_data"]
     assert [t["name"] for t in bars] == [t.name for t in view.bars.data] and len(bars) == 3
     assert bars[0]["x"][0] == pytest.approx((2 * GiB + CONTEXT_BYTES) / GiB)  # this kernel's memory on GPU 0
-    series = view.series.get_state()["_widget_data"]
+    series = opened_state[view.series.model_id]["_widget_data"]
     # memory and utilisation of the two GPUs, from the first sample on
     assert len(series) == len(view.series.data) == 4 and all(len(t["y"]) >= 1 for t in series)
-    assert "Memory per GPU" in view.bars.get_state()["_widget_layout"]["title"]["text"]
+    assert "Memory per GPU" in opened_state[view.bars.model_id]["_widget_layout"]["title"]["text"]
 
 
 def test_the_stop_button_and_a_front_end_closing_the_widget_stop_the_thread(sim):

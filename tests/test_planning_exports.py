@@ -109,16 +109,17 @@ def test_memory_bars_mark_over_in_red():
     assert sum(next(t for t in fig.data if t.name == "over budget").y) == 0
 
 
-def test_editor_moves_layers_and_redraws():
+def test_editor_moves_layers_and_redraws(opened_state):
     from nbgpu.views.plan_view import PlanEditor
 
     p = nbgpu.plan(tiny_llama(), gpus="2x24GiB")
     e = PlanEditor(p)
     assert e.boundaries() == [2]
-    # the first drawing is in the figure widgets' own synced state, which a front end rendering them late reads
-    shown = {t["name"]: t for t in e.bars.get_state()["_widget_data"]}
+    # the first drawing is in the state the figure widgets' comms opened with, which a front end rendering them
+    # before a later change message arrives draws
+    shown = {t["name"]: t for t in opened_state[e.bars.model_id]["_widget_data"]}
     assert shown["weights"]["y"][0] * 1024**3 == pytest.approx(p.devices[0].weights)
-    assert len(e.placement.get_state()["_widget_data"]) == len(e.placement.data) > 0
+    assert len(opened_state[e.placement.model_id]["_widget_data"]) == len(e.placement.data) > 0
     e.handles[0].value = 3
     assert p.layer_counts() == [3, 1] and p.device_map["model.layers.2"] == 0
     bar_weights = next(t for t in e.bars.data if t.name == "weights").y

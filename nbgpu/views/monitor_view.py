@@ -50,11 +50,10 @@ class MonitorView:
         self.bars = go.Figure()
         self.series = go.Figure()
         self.processes = W.HTML()
-        # the first sample is drawn before the figures become widgets, so it travels in the widgets' own state: a
-        # front end that renders them late still shows it (the changes sent before its view exists can be missed)
+        # the first sample is drawn before the figures become widgets, so it travels in the state they open with
         if (sample := monitor.latest) is not None:
             self.draw(sample, force=True)
-        self.bars, self.series = go.FigureWidget(self.bars), go.FigureWidget(self.series)
+        self.bars, self.series = presentation.figure_widget(self.bars), presentation.figure_widget(self.series)
         self.widget = W.VBox([W.HBox([self.header, self.stop_button]), self.bars, self.series, self.processes])
         self.widget.observe(self._on_comm, names="comm")
         self._watch_frontend_close()

@@ -140,13 +140,11 @@ class PlanEditor:
 
     def __init__(self, plan):
         import ipywidgets as w
-        import plotly.graph_objects as go
 
         self.plan = plan
-        # drawn first, then made widgets: the figures travel in the widgets' own state, which a front end that
-        # renders them late still reads (changes sent before its view exists can be missed)
-        self.placement = go.FigureWidget(placement_figure(plan))
-        self.bars = go.FigureWidget(bars_figure(plan))
+        # drawn first, then made widgets: the figures travel in the state the widgets open with
+        self.placement = presentation.figure_widget(placement_figure(plan))
+        self.bars = presentation.figure_widget(bars_figure(plan))
         self.status = w.HTML(status_html(plan))
         self.message = w.HTML("")
         total = sum(plan.layer_counts())

@@ -66,6 +66,40 @@ def figure_bundle(fig) -> dict:
     return {PLOTLY_MIME: data, "text/plain": f"<figure: {fig.layout.title.text or 'plot'}>"}
 
 
+def figure_widget(fig):
+    """`plotly.graph_objects.FigureWidget(fig)` whose comm opens with the figure already in its state.
+
+    plotly sets the traces it syncs (`_widget_data`) after ipywidgets has opened the comm, so they reach the front
+    end in a second message. anywidget applies that message only once the widget's module (5 MB) has loaded, and
+    drops it when loading takes more than 2 s; plotly's view never redraws on it. A view created while the module
+    loads (a slow machine, a busy browser) then draws an empty plot. Opening the comm last removes the race."""
+    return _figure_widget_class()(fig)
+
+
+_FIGURE_WIDGET = None
+
+
+def _figure_widget_class():
+    global _FIGURE_WIDGET
+    if _FIGURE_WIDGET is None:
+        import plotly.graph_objects as go
+
+        class FigureWidget(go.FigureWidget):
+            _constructing = True
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self._constructing = False
+                self.open()
+
+            def open(self):
+                if not self._constructing:
+                    super().open()
+
+        _FIGURE_WIDGET = FigureWidget
+    return _FIGURE_WIDGET
+
+
 def show(html: str | None = None, figures=()) -> None:
     """Display HTML, then each Plotly figure as Plotly's own output type."""
     from IPython.display import HTML, display
