@@ -341,3 +341,37 @@ def test_notebook_runs_offline_in_jupyterlab_and_draws_its_figures(lab, offline,
             _full_page_shot(page, notebook.stem)
         finally:
             _shut_down(lab, path)
+
+
+# anywidget gives a widget's module 2 s to load and then drops the change messages sent to that widget; plotly's
+# module is 5 MB, which a slow machine's browser may not load in time. This makes every such wait end at once.
+MODULE_LOADS_LATE = "{ const timeout = AbortSignal.timeout.bind(AbortSignal); " \
+                    "AbortSignal.timeout = ms => timeout(ms === 2000 ? 1 : ms); }"
+LATE_NOTEBOOK = [
+    "import nbgpu\nfrom nbgpu import course\n"
+    "course.setup()  # simulated GPUs here\n"
+    "plan = nbgpu.plan(dict(model_type='llama', hidden_size=512, intermediate_size=1024, num_hidden_layers=8,\n"
+    "                       num_attention_heads=8, vocab_size=32000), gpus='2x24GiB', batch=1, seq_len=256)\n"
+    "plan  # the editor: placement and bars as figure widgets",
+    "monitor = nbgpu.monitor(interval=60)\nmonitor",
+    "monitor.stop()",
+]
+
+
+def test_figure_widgets_draw_when_plotly_s_module_loads_late(lab, offline):
+    """A figure widget's first drawing must not depend on a change message: on a slow machine anywidget drops those
+    (what once left the plan editor's and the monitor's plots empty in CI)."""
+    path = "late_module.ipynb"
+    cells = [{"cell_type": "code", "source": code, "metadata": {}, "outputs": [], "execution_count": None}
+             for code in LATE_NOTEBOOK]
+    (lab.root / path).write_text(json.dumps({"cells": cells, "metadata": {"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}}, "nbformat": 4, "nbformat_minor": 5}))
+    offline.context.add_init_script(MODULE_LOADS_LATE)
+    page = offline.page
+    try:
+        model = _run_all(page, lab, path)
+        _assert_no_error_or_stderr(page, model)
+        _assert_figures_drew(page, model)
+        assert page.locator(f"{CURRENT} .js-plotly-plot").count() >= 4  # the editor's two, the monitor's two
+    finally:
+        _shut_down(lab, path)
