@@ -135,22 +135,20 @@ def gpu_figures(cuda_index: int, gpu, dtype: str) -> tuple[GPUFigures | None, li
     return GPUFigures(cuda_index, gpu.name, bw, flops, pcie), [note] if note else []
 
 
-def layer_seconds(stage: Stage, gpu: GPUFigures, config, dtype: str, batch: int, tokens: int, context: float,
-                  share: float = 1.0) -> tuple[float, float]:
+def layer_seconds(stage: Stage, gpu: GPUFigures, kv_bytes: float, attention_width: int, batch: int, tokens: int,
+                  context: float, share: float = 1.0) -> tuple[float, float]:
     """(matrix, other) seconds of one unit on one GPU: `tokens` new tokens per sequence attending to `context`
-    tokens on average; `share` of the unit (tensor parallelism). Matrix: weight reads and products; other: the KV
-    cache and attention."""
-    cfg = text_config(config)
+    tokens on average; `share` of the unit (tensor parallelism). `kv_bytes`: the whole unit's KV cache at that
+    context; `attention_width`: heads x head_dim. Matrix: weight reads and products; other: the KV cache and
+    attention."""
     weights = stage.weights * share
     if stage.layer is None:
         tokens = 1  # generate keeps the logits of the last position only (logits_to_keep=1)
     flops_w = 2 * stage.params * share * batch * tokens
     kv = flops_a = 0.0
     if stage.layer is not None:
-        per_layer, _ = kv_per_layer(cfg, dtype, batch, max(1, round(context)))
-        kv = per_layer.get(stage.layer, 0) * share
-        heads = cfg.num_attention_heads
-        flops_a = 4 * batch * tokens * context * heads * head_dim(cfg) * share  # QK^T and AV
+        kv = kv_bytes * share
+        flops_a = 4 * batch * tokens * context * attention_width * share  # QK^T and AV
     memory_s = (weights + kv) / (gpu.bandwidth * CALIBRATION.bandwidth_fraction)
     compute_s = 0.0 if gpu.flops is None else (flops_w + flops_a) / (gpu.flops * CALIBRATION.compute_fraction)
     total = max(memory_s, compute_s)
@@ -188,8 +186,15 @@ class _Pass:
 
 def _forward(m: Machine, batch: int, tokens: int, context: float, path: HostPath) -> _Pass:
     """One forward pass of `tokens` new tokens per sequence: when each GPU works on what, and when it ends."""
-    hidden = text_config(m.config).hidden_size
-    activation = batch * tokens * hidden * dtype_bytes(m.dtype)
+    cfg = text_config(m.config)
+    activation = batch * tokens * cfg.hidden_size * dtype_bytes(m.dtype)
+    # read from the config once per pass, not once per unit (a config attribute costs microseconds)
+    kv_of, _ = kv_per_layer(cfg, m.dtype, batch, max(1, round(context)))
+    width = cfg.num_attention_heads * head_dim(cfg)
+
+    def seconds(st: Stage, gpu: GPUFigures, share: float = 1.0) -> tuple[float, float]:
+        return layer_seconds(st, gpu, kv_of.get(st.layer, 0), width, batch, tokens, context, share)
+
     out = _Pass()
     host = ready = 0.0
     if m.parallel == "tensor":
@@ -199,8 +204,7 @@ def _forward(m: Machine, batch: int, tokens: int, context: float, path: HostPath
         for st in m.stages:
             start_issue, host = host, host + _host(st, path)
             # every GPU does its share; a collective waits for the slowest
-            parts = [layer_seconds(st, gpu, m.config, m.dtype, batch, tokens, context, 1 / n)
-                     for gpu in m.gpus.values()]
+            parts = [seconds(st, gpu, 1 / n) for gpu in m.gpus.values()]
             matrix, other = max(p[0] for p in parts), max(p[1] for p in parts)
             if st.layer is None:  # embeddings, norm, head: no all-reduce after them
                 end = max(ready + matrix, host)
@@ -237,7 +241,7 @@ def _forward(m: Machine, batch: int, tokens: int, context: float, path: HostPath
             copy = st.weights / (DISK_BANDWIDTH if st.device == "disk" else gpu.pcie)
             out.blocks.append((device, ready, ready + copy, f"{st.name} copied from {st.device}", "communication"))
             ready += copy
-        matrix, other = layer_seconds(st, gpu, m.config, m.dtype, batch, tokens, context)
+        matrix, other = seconds(st, gpu)
         g = matrix + other
         end = max(ready + g, host)
         if g:
