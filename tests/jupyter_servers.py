@@ -64,7 +64,9 @@ class RunningServer:
 
         client = BlockingKernelClient()
         client.load_connection_file(str(self.runtime_dir / f"kernel-{kernel_id}.json"))
-        client.start_channels()
+        # no heartbeat: without a kernel manager, jupyter_client takes a kernel that has not yet answered its first
+        # ping within 1 s for dead (a kernel still starting on a busy machine); ready means a kernel_info reply
+        client.start_channels(hb=False)
         client.wait_for_ready(timeout=60)
         return client
 
