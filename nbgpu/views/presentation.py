@@ -4,6 +4,7 @@ plotly.js they carry: no figure ever loads plotly.js from a CDN)."""
 
 from __future__ import annotations
 
+import functools
 from html import escape
 
 from ..units import GiB
@@ -76,28 +77,25 @@ def figure_widget(fig):
     return _figure_widget_class()(fig)
 
 
-_FIGURE_WIDGET = None
-
-
+@functools.cache
 def _figure_widget_class():
-    global _FIGURE_WIDGET
-    if _FIGURE_WIDGET is None:
-        import plotly.graph_objects as go
+    import plotly.graph_objects as go
 
-        class FigureWidget(go.FigureWidget):
-            _constructing = True
+    class FigureWidget(go.FigureWidget):
+        """A FigureWidget that opens its comm at the end of its construction, not in the middle of it."""
 
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                self._constructing = False
-                self.open()
+        _constructing = True
 
-            def open(self):
-                if not self._constructing:
-                    super().open()
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._constructing = False
+            self.open()
 
-        _FIGURE_WIDGET = FigureWidget
-    return _FIGURE_WIDGET
+        def open(self):
+            if not self._constructing:
+                super().open()
+
+    return FigureWidget
 
 
 def show(html: str | None = None, figures=()) -> None:
