@@ -500,3 +500,16 @@ def test_ktransformers_routed_experts_keep_their_own_weights_on_the_cpu():
     assert experts and all(n.startswith("model.layers.") and n.endswith(".mlp.experts") for n in experts)
     below = [name for name in injected for e in experts if name.startswith(e + ".")]
     assert below == []
+
+
+def test_ktransformers_linear_layers_generate_with_marlin_and_prefill_with_torch_on_their_layers_gpu():
+    """As KTransformers' multi-GPU rule files write them (DeepSeek-V2-Chat-multi-gpu.yaml at v0.4.1)."""
+    p = make_plan("deepseek_v2", 2)  # layers 0-2 on cuda:0, 3-5 on cuda:1
+    injected = kt_check(p)
+    linear = {n: r["kwargs"] for n, r in injected.items() if r["class"].endswith("KTransformersLinear")}
+    assert any(".layers.0." in n for n in linear) and any(".layers.5." in n for n in linear)
+    for name, kwargs in linear.items():
+        owner = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else name
+        device = f"cuda:{p.device_map[owner]}"
+        assert kwargs == {"generate_device": device, "prefill_device": device, "generate_op": "KLinearMarlin",
+                          "prefill_op": "KLinearTorch"}, name

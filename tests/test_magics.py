@@ -150,3 +150,16 @@ def test_question_mark_shows_each_magics_usage():
     monitor_help = shell.find_line_magic("gpu_monitor").__doc__
     assert "%gpus [--auto N] [--min-free SIZE]" in gpus_help and "--topo" in gpus_help and "--simulate" in gpus_help
     assert "%gpu_monitor [--interval INTERVAL]" in monitor_help and "--history" in monitor_help
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_each_help_flag_shows_the_whole_help_not_an_error(flag):
+    from nbgpu.magics import gpu_monitor_magic
+
+    devices.simulate("2x24GiB")
+    for magic, described in ((gpus_magic, "Show the GPUs, or choose which ones"),
+                             (gpu_monitor_magic, "--interval")):
+        with pytest.raises(UsageError) as err:
+            magic(f"{flag}")
+        assert described in str(err.value) and "unrecognized" not in str(err.value)
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ

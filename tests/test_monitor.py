@@ -524,3 +524,15 @@ def unescape_tags(html: str) -> str:
     from html import unescape
 
     return unescape(re.sub(r"<[^>]+>", "", html))
+
+
+def test_the_poller_is_a_daemon_thread_and_a_monitor_has_one_view(sim):
+    """A non-daemon poller would keep the kernel's process alive after it is asked to exit; a second view would
+    be a second subscriber redrawn on every sample."""
+    m = monitor(interval=60)
+    try:
+        assert m._thread.daemon
+        assert view_of(m) is view_of(m)
+        assert sum(1 for s in m.subscribers if type(s).__name__ == "MonitorView") == 1
+    finally:
+        m.stop()

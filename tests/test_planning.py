@@ -222,3 +222,27 @@ def test_repr_html_and_text_say_simulated_and_figures_need_no_cdn():
     bars = [o.data["application/vnd.plotly.v1+json"] for o in shown.outputs
             if "application/vnd.plotly.v1+json" in o.data][1]
     assert {t["name"] for t in bars["data"]} >= {"weights", "KV cache", "activations", "allocator", "context"}
+
+
+def test_explain_names_each_gpu_also_the_one_left_empty():
+    p = nbgpu.plan(llama(layers=4), gpus="2x24GiB", strategy="sequential")
+    assert p.layer_counts() == [4, 0]
+    lines = p.explain().splitlines()
+    empty = next(line for line in lines if "It stays empty" in line)
+    assert empty.startswith(p.devices[1].label + ": room ")
+    # each item of the memory is named with where its figure comes from
+    assert [line.split(":")[0].strip() for line in lines if "calibrated on" in line] == ["allocator", "context"]
+
+
+def test_a_layer_range_beyond_the_model_names_the_models_layers():
+    p = nbgpu.plan(llama(layers=4), gpus="2x24GiB")
+    with pytest.raises(UsageError, match=r"the model has layers model\.layers\.0-3$"):
+        p.move("model.layers.0-9", 1)
+
+
+def test_a_fitting_plan_says_no_over_and_flash_attention_gets_no_caveat():
+    p = nbgpu.plan(llama(layers=4), gpus="2x24GiB", attn_implementation="flash_attention_2")
+    assert p.fits and "OVER" not in "\n".join(p.summary_lines())
+    assert not [n for n in p.estimates.notes if "estimated like sdpa" in n]
+    sdpa_like = nbgpu.plan(llama(layers=4), gpus="2x24GiB", attn_implementation="flex_attention")
+    assert [n for n in sdpa_like.estimates.notes if "attention 'flex_attention': estimated like sdpa" in n]

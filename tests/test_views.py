@@ -493,3 +493,35 @@ def test_widgets_are_used_in_a_kernel_and_html_in_a_terminal(monkeypatch):
         except KeyError:
             found = False
         assert found == widget
+
+
+def test_show_load_displays_the_reports_table_and_its_figure(monkeypatch):
+    import IPython.display
+
+    shown_now = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown_now.append(obj))
+    load_view.show_load(load_report(simulated=False))
+    html, figure = shown_now
+    assert "cuda:0 = GPU 2 NVIDIA L4" in html.data
+    assert [t["name"] for t in figure["application/vnd.plotly.v1+json"]["data"]][0] == "planned weights"
+
+
+def test_a_tensor_parallel_placement_draws_each_gpus_slice_of_every_unit():
+    plan = nbgpu.plan(small_llama(), gpus="2x24GiB", parallel="tensor")
+    fig = plan_view.placement_figure(plan)
+    assert [t.name for t in fig.data] == ["cuda:0", "cuda:1"] and {t.orientation for t in fig.data} == {"h"}
+    for i, t in enumerate(fig.data):
+        assert len(t.hovertext) == len(plan.units)
+        assert all(h.endswith(f"a 1/2 slice on cuda:{i}") for h in t.hovertext)
+
+
+def test_importing_nbgpu_in_a_running_ipython_registers_the_views(shell):
+    from nbgpu.views import registry
+
+    plan = nbgpu.plan(small_llama(), gpus="2x24GiB")
+    html = shell.display_formatter.formatters["text/html"]
+    html.deferred_printers.pop(("nbgpu.planning.plan", "Plan"), None)
+    html.type_printers.pop(type(plan), None)
+    assert "text/html" not in shown(shell, plan)
+    registry.register_if_running()
+    assert shown(shell, plan)["text/html"] == plan_view.plan_html(plan)
