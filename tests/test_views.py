@@ -184,7 +184,7 @@ def test_placement_draws_each_unit_where_the_plan_puts_it():
     plan = nbgpu.plan(small_llama(), gpus="2x24GiB", dtype="float16", strategy=[1, 3])
     plan.move("model.layers.3", "cpu")
     fig = plan_view.placement_figure(plan)
-    assert [t.name for t in fig.data] == ["cuda:0", "cuda:1", "cpu"]
+    assert [t.name for t in fig.data] == ["cuda:0", "cuda:1", "cpu"] and {t.orientation for t in fig.data} == {"h"}
     units = plan.units
     largest = max(u.size for u in units)
     widths = [max(u.size, largest * 0.02) / GiB for u in units]
