@@ -154,8 +154,9 @@ def compare_html(comparison) -> str:
         return f"{v:,.2f}" if isinstance(v, float) else str(v)
 
     columns = [*COLUMNS, "simulated"]
-    rows = [[cell(c, r[c]) for c in columns] for r in comparison.rows()]
-    sim = presentation.badge(comparison.simulated, _compare_caption(comparison.rows()))
+    data = comparison.rows()
+    rows = [[cell(c, r[c]) for c in columns] for r in data]
+    sim = presentation.badge(comparison.simulated, _compare_caption(data))
     return f"<div>{sim}{presentation.table(columns, rows)}</div>"
 
 
