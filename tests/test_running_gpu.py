@@ -12,13 +12,10 @@ from nbgpu.running import NotEnoughMemory
 pytestmark = pytest.mark.gpu
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def needs_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-
-
 
 
 @pytest.fixture(scope="module")
