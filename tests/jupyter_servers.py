@@ -117,6 +117,18 @@ def start(root: Path, env: dict[str, str] | None = None, app: str = "jupyter_ser
     raise RuntimeError(f"{app} did not answer within 120 s:\n{log.read_text()[-3000:]}")
 
 
+def start_lab(root: Path, settings: dict[str, dict], env: dict[str, str]) -> RunningServer:
+    """JupyterLab in `root` with these user settings (file name under the settings folder -> its JSON), its own
+    workspaces, and the app exposed to the page (window.jupyterapp) for the browser tests."""
+    folder = root / ".settings"
+    for name, value in settings.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+    env = {**env, "JUPYTERLAB_SETTINGS_DIR": str(folder), "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces")}
+    return start(root, env, app="jupyterlab", extra=("--LabApp.expose_app_in_browser=True",))
+
+
 def stop(server: RunningServer) -> None:
     server.process.terminate()
     try:

@@ -61,14 +61,7 @@ def lab(tmp_path_factory):
     import playwright.sync_api  # noqa: F401 - the test extra holds it: a missing package is an error, not a skip
     work = tmp_path_factory.mktemp("lab")
     shutil.copytree(ROOT / "notebooks", work / "notebooks")
-    settings = work / ".settings"
-    for name, value in LAB_SETTINGS.items():
-        path = settings / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(value))
-    env = {"NBGPU_SIMULATE": SIMULATE, "JUPYTERLAB_SETTINGS_DIR": str(settings),
-           "JUPYTERLAB_WORKSPACES_DIR": str(work / ".workspaces")}
-    server = jupyter_servers.start(work, env, app="jupyterlab", extra=("--LabApp.expose_app_in_browser=True",))
+    server = jupyter_servers.start_lab(work, LAB_SETTINGS, {"NBGPU_SIMULATE": SIMULATE})
     try:
         yield server
     finally:

@@ -57,14 +57,7 @@ def lab(tmp_path_factory):
     work = tmp_path_factory.mktemp("panel")
     for name, spec in NOTEBOOKS.items():
         (work / name).write_text(json.dumps(_notebook(*spec)))
-    settings = work / ".settings"
-    for name, value in LAB_SETTINGS.items():
-        path = settings / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(value))
-    env = {"NBGPU_SIMULATE": SIMULATE, "JUPYTERLAB_SETTINGS_DIR": str(settings),
-           "JUPYTERLAB_WORKSPACES_DIR": str(work / ".workspaces")}
-    server = jupyter_servers.start(work, env, app="jupyterlab", extra=("--LabApp.expose_app_in_browser=True",))
+    server = jupyter_servers.start_lab(work, LAB_SETTINGS, {"NBGPU_SIMULATE": SIMULATE})
     try:
         yield server
     finally:
